@@ -1,0 +1,115 @@
+"""Validation of hyperparameters and trees.
+
+Checks that need concrete values are skipped for tracers (``jax.vmap`` sweeps,
+``optax.inject_hyperparams`` under ``jit``); checks on structure and shapes use
+only static information and run at trace time, so they cost nothing per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(value: Any) -> bool:
+  """Whether ``value`` has a value known in Python (not a tracer)."""
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value))
+
+
+def _show(value: Any) -> str:
+  arr = np.asarray(value)
+  return repr(arr.item()) if arr.ndim == 0 else np.array2string(arr)
+
+
+def check_scalar(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> None:
+  """Raise ``ValueError`` unless ``value`` is finite and in ``[low, high]``.
+
+  ``high_open`` makes the upper bound exclusive. Tracers and callables
+  (schedules) pass unchecked.
+  """
+  if value is None:
+    if allow_none:
+      return
+    raise ValueError(f"{name} must be a number, got None")
+  if callable(value) or not is_concrete(value):
+    return
+  if isinstance(value, bool):
+    raise TypeError(f"{name} must be a number, got the bool {value!r}")
+  try:
+    arr = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"{name} must be a number or an array of numbers, got {value!r}"
+    ) from None
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"{name} must be finite, got {_show(value)}")
+  lo = -math.inf if low is None else low
+  hi = math.inf if high is None else high
+  bad = (arr < lo) | ((arr >= hi) if high_open else (arr > hi))
+  if np.any(bad):
+    if high is None:
+      rng = f">= {low:g}"
+    else:
+      rng = f"in [{lo:g}, {hi:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be {rng}, got {_show(value)}")
+
+
+def check_learning_rate(name: str, value: Any) -> None:
+  """A learning rate: a finite number >= 0, an array of them, or a schedule."""
+  if value is not None and callable(value):
+    return
+  check_scalar(name, value, 0.0)
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _path(path: tuple[Any, ...]) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_float_params(params: Any, what: str = "params") -> None:
+  """Raise ``TypeError`` if any leaf of ``params`` is not floating or complex."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{what}{_path(path)} has dtype {dtype}; RMSProp needs floating or"
+          " complex parameters (cast it, e.g. with .astype(jnp.float32), or"
+          " mask it out with optax.masked)"
+      )
+
+
+def check_same_tree(
+    name: str, tree: Any, ref: Any, ref_name: str, *, is_leaf: Callable | None = None
+) -> None:
+  """Raise ``ValueError`` unless ``tree`` has ``ref``'s structure and shapes."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(ref, is_leaf=is_leaf)
+  if treedef != ref_def:
+    raise ValueError(
+        f"{name} has tree structure {treedef}, but {ref_name} has {ref_def};"
+        " pass a tree with the same structure as the params given to init"
+    )
+  for (path, leaf), (_, ref_leaf) in zip(leaves, ref_leaves):
+    if jnp.shape(leaf) != jnp.shape(ref_leaf):
+      raise ValueError(
+          f"{name}{_path(path)} has shape {jnp.shape(leaf)}, but"
+          f" {ref_name}{_path(path)} has shape {jnp.shape(ref_leaf)};"
+          " shapes must match exactly (no broadcasting)"
+      )

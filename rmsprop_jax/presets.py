@@ -1,0 +1,267 @@
+"""Framework-faithful parameterisations of :func:`rmsprop_jax.rmsprop`.
+
+Each preset takes the argument names and defaults of one framework's RMSProp,
+validates them under those names, and maps them onto options of the one core
+transformation; none re-implements the math.
+
+======================  ============  ===========  ===============  ==========
+                        PyTorch       Keras 3      TF1              optax
+======================  ============  ===========  ===============  ==========
+decay name / default    alpha 0.99    rho 0.9      decay 0.9        decay 0.9
+eps name / default      eps 1e-8      epsilon 1e-7 epsilon 1e-10    eps 1e-8
+eps placement           sqrt(v)+eps   sqrt(v+eps)  sqrt(v+eps)      sqrt(v+eps)
+initial mean square     0             0            1                0
+learning rate vs buffer after         inside       inside           inside
+weight decay            coupled (L2)  decoupled    none             none
+======================  ============  ===========  ===============  ==========
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import optax as _optax
+
+from rmsprop_jax import _checks
+from rmsprop_jax.alias import rmsprop
+
+__all__ = ["keras", "optax", "pytorch", "tf1"]
+
+
+def _momentum_or_none(momentum: Any) -> Any:
+  """Frameworks keep no buffer for momentum == 0; neither do we."""
+  if _checks.is_concrete(momentum) and np.all(np.asarray(momentum) == 0):
+    return None
+  return momentum
+
+
+def pytorch(
+    lr: _optax.ScalarOrSchedule = 0.01,
+    alpha: jax.typing.ArrayLike = 0.99,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0,
+    momentum: jax.typing.ArrayLike = 0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> _optax.GradientTransformationExtraArgs:
+  r"""``torch.optim.RMSprop``, same names, defaults and update order.
+
+  .. math::
+
+    g &\leftarrow \pm g + \lambda\theta, \quad
+    v \leftarrow \alpha v + (1-\alpha) g^2, \\
+    b &\leftarrow \beta b + \frac{g}{\sqrt{v} + \epsilon}, \quad
+    \theta \leftarrow \theta - \eta_t b
+
+  (without momentum, :math:`\theta \leftarrow \theta - \eta_t g / (\sqrt{v} +
+  \epsilon)`; centered subtracts the squared EMA of :math:`g` under the root).
+
+  Args:
+    lr: learning rate, a float or a schedule ``step -> lr``; because it
+      multiplies the momentum buffer's output, a schedule behaves like a torch
+      LR scheduler stepped once per optimizer step.
+    alpha: smoothing constant in [0, 1].
+    eps: added outside the square root, >= 0.
+    weight_decay: L2 penalty added to the gradient (coupled), >= 0.
+    momentum: momentum factor in [0, 1); 0 keeps no buffer.
+    centered: normalise by the estimated variance of the gradient.
+    maximize: maximise the objective (negates the gradient first).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`. Pass ``params`` to
+    ``update`` when ``weight_decay`` is nonzero.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax import presets
+    >>> opt = presets.pytorch(lr=0.01, alpha=0.9)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> updates, _ = opt.update(jnp.array([0.5, 0.5]), opt.init(params), params)
+    >>> updates  # -lr * g / (sqrt(0.1 g^2) + eps)
+    Array([-0.03162277, -0.03162277], dtype=float32)
+
+  References:
+    https://pytorch.org/docs/stable/generated/torch.optim.RMSprop.html
+  """
+  _checks.check_learning_rate("lr", lr)
+  _checks.check_scalar("alpha", alpha, 0.0, 1.0)
+  _checks.check_scalar("eps", eps, 0.0)
+  _checks.check_scalar("weight_decay", weight_decay, 0.0)
+  _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
+  return rmsprop(
+      lr,
+      decay=alpha,
+      eps=eps,
+      eps_in_sqrt=False,
+      centered=centered,
+      momentum=_momentum_or_none(momentum),
+      weight_decay=weight_decay,
+      weight_decay_mode="coupled",
+      maximize=maximize,
+      lr_inside_momentum=False,
+  )
+
+
+def keras(
+    learning_rate: _optax.ScalarOrSchedule = 0.001,
+    rho: jax.typing.ArrayLike = 0.9,
+    momentum: jax.typing.ArrayLike = 0.0,
+    epsilon: jax.typing.ArrayLike = 1e-7,
+    centered: bool = False,
+    weight_decay: Optional[jax.typing.ArrayLike] = None,
+) -> _optax.GradientTransformationExtraArgs:
+  r"""Keras 3 ``keras.optimizers.RMSprop``, same names, defaults and order.
+
+  .. math::
+
+    \theta &\leftarrow \theta - \eta_t\lambda\theta, \quad
+    v \leftarrow \rho v + (1-\rho) g^2, \\
+    m &\leftarrow \beta m + \frac{\eta_t g}{\sqrt{v + \epsilon}}, \quad
+    \theta \leftarrow \theta - m
+
+  Args:
+    learning_rate: a float or a schedule of the iteration count.
+    rho: discounting factor for the gradient history, in [0, 1].
+    momentum: in [0, 1); 0 keeps no buffer. The learning rate sits inside
+      the buffer.
+    epsilon: added inside the square root, >= 0.
+    centered: normalise by the estimated variance of the gradient.
+    weight_decay: decoupled decay ``theta -= lr * wd * theta`` with the
+      current learning rate, >= 0, or None.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`. Pass ``params`` to
+    ``update`` when ``weight_decay`` is set.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax import presets
+    >>> opt = presets.keras(learning_rate=0.1)
+    >>> p = jnp.zeros(1)
+    >>> opt.update(jnp.ones(1), opt.init(p), p)[0]  # -0.1 / sqrt(0.1 + 1e-7)
+    Array([-0.31622726], dtype=float32)
+
+  References:
+    https://keras.io/api/optimizers/rmsprop/
+  """
+  _checks.check_learning_rate("learning_rate", learning_rate)
+  _checks.check_scalar("rho", rho, 0.0, 1.0)
+  _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
+  _checks.check_scalar("epsilon", epsilon, 0.0)
+  _checks.check_scalar("weight_decay", weight_decay, 0.0, allow_none=True)
+  return rmsprop(
+      learning_rate,
+      decay=rho,
+      eps=epsilon,
+      eps_in_sqrt=True,
+      centered=centered,
+      momentum=_momentum_or_none(momentum),
+      weight_decay=0.0 if weight_decay is None else weight_decay,
+      weight_decay_mode="decoupled",
+  )
+
+
+def tf1(
+    learning_rate: _optax.ScalarOrSchedule,
+    decay: jax.typing.ArrayLike = 0.9,
+    momentum: jax.typing.ArrayLike = 0.0,
+    epsilon: jax.typing.ArrayLike = 1e-10,
+    centered: bool = False,
+) -> _optax.GradientTransformationExtraArgs:
+  r"""TF1 ``tf.compat.v1.train.RMSPropOptimizer``.
+
+  .. math::
+
+    ms \leftarrow \rho\,ms + (1-\rho) g^2 \;(ms_0 = 1), \quad
+    mom \leftarrow \beta\,mom + \frac{\eta g}{\sqrt{ms + \epsilon}}, \quad
+    \theta \leftarrow \theta - mom
+
+  Args:
+    learning_rate: a float or a schedule of the step count.
+    decay: discounting factor for the history, in [0, 1].
+    momentum: in [0, 1); 0 keeps no buffer.
+    epsilon: added inside the square root, >= 0.
+    centered: subtract the squared mean gradient ``mg**2`` under the root.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax import presets
+    >>> opt = presets.tf1(learning_rate=0.1)
+    >>> p = jnp.zeros(1)
+    >>> opt.update(jnp.ones(1), opt.init(p), p)[0]  # ms = 0.9 + 0.1 = 1
+    Array([-0.1], dtype=float32)
+
+  References:
+    https://www.tensorflow.org/api_docs/python/tf/compat/v1/train/RMSPropOptimizer
+  """
+  _checks.check_learning_rate("learning_rate", learning_rate)
+  _checks.check_scalar("decay", decay, 0.0, 1.0)
+  _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
+  _checks.check_scalar("epsilon", epsilon, 0.0)
+  return rmsprop(
+      learning_rate,
+      decay=decay,
+      eps=epsilon,
+      eps_in_sqrt=True,
+      initial_scale=1.0,
+      centered=centered,
+      momentum=_momentum_or_none(momentum),
+  )
+
+
+def optax(
+    learning_rate: _optax.ScalarOrSchedule,
+    decay: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: Optional[jax.typing.ArrayLike] = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+) -> _optax.GradientTransformationExtraArgs:
+  """``optax.rmsprop``, with its positional signature.
+
+  Identical to :func:`rmsprop_jax.rmsprop` (whose options past ``eps`` are
+  keyword-only); here for symmetry with the other presets.
+
+  Args:
+    learning_rate: a float, scalar array or schedule.
+    decay: EMA decay in [0, 1].
+    eps: >= 0, inside the root unless ``eps_in_sqrt=False``.
+    initial_scale: initial second moment, >= 0.
+    eps_in_sqrt: where ``eps`` goes.
+    centered: centered (variance) form.
+    momentum: trace decay in [0, 1), or None.
+    nesterov: Nesterov momentum.
+    bias_correction: debias the moments.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax import presets
+    >>> opt = presets.optax(0.1, 0.9, 0.0)
+    >>> opt.update(jnp.ones(1), opt.init(jnp.zeros(1)))[0]
+    Array([-0.31622776], dtype=float32)
+
+  References:
+    https://optax.readthedocs.io/en/latest/api/optimizers.html#optax.rmsprop
+  """
+  return rmsprop(
+      learning_rate,
+      decay,
+      eps,
+      initial_scale=initial_scale,
+      eps_in_sqrt=eps_in_sqrt,
+      centered=centered,
+      momentum=momentum,
+      nesterov=nesterov,
+      bias_correction=bias_correction,
+  )

@@ -1,0 +1,58 @@
+"""Small shared helpers: run an optax-style optimizer for a few steps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PARAMS0 = {
+    "w": np.array([[0.5, -1.2, 2.0], [0.3, 0.0, -0.7]], np.float32),
+    "b": np.array([1.5, -0.25], np.float32),
+}
+
+
+def fixed_grads(steps: int, seed: int = 0, scale: float = 1.0):
+  """A fixed sequence of gradient dicts shaped like PARAMS0 (float32)."""
+  rng = np.random.default_rng(seed)
+  return [
+      {
+          k: (scale * rng.normal(size=v.shape) * (1 + 0.1 * t)).astype(np.float32)
+          for k, v in PARAMS0.items()
+      }
+      for t in range(steps)
+  ]
+
+
+def jax_param_grad(params):
+  """JAX twin of reference.ParamGrad: grad of sum(p^2 / 2 + p^4 / 40)."""
+  return jax.tree.map(lambda v: v + 0.1 * v**3, params)
+
+
+def run(opt, grads, params0=PARAMS0, steps=None, jit=True):
+  """Runs ``opt``; grads is a list of dicts or a callable params -> grads.
+
+  Returns (list of update dicts as float64 numpy, final state).
+  """
+  params = jax.tree.map(jnp.asarray, params0)
+  state = opt.init(params)
+  update = jax.jit(opt.update) if jit else opt.update
+  n = len(grads) if isinstance(grads, list) else steps
+  out = []
+  for t in range(n):
+    g = grads[t] if isinstance(grads, list) else grads(params)
+    g = jax.tree.map(jnp.asarray, g)
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(jax.tree.map(lambda x: np.asarray(x, np.float64), updates))
+  return out, state
+
+
+def assert_updates_close(actual, expected, rtol, atol):
+  assert len(actual) == len(expected)
+  for t, (a, e) in enumerate(zip(actual, expected)):
+    for k in e:
+      np.testing.assert_allclose(
+          a[k], e[k], rtol=rtol, atol=atol, err_msg=f"step {t}, leaf {k}"
+      )
