@@ -230,15 +230,14 @@ def test_jitted_step_does_not_retrace():
   chex.clear_trace_counter()
 
 
-def test_eager_update_compiles_once_and_is_one_call():
+def test_eager_updates_share_one_compiled_program():
   opt = rmsprop_jax.rmsprop(0.01)
   params = jax.tree.map(jnp.asarray, PARAMS0)
   state = opt.init(params)
   g = jax.tree.map(jnp.asarray, fixed_grads(1)[0])
   opt.update(g, state, params)
-  with jax.log_compiles(True), jax.checking_leaks():
-    pass
-  # A second optimizer with other numbers reuses the same compiled update.
+  # A second optimizer with other numbers reuses the same compiled update:
+  # hyperparameters are arguments of one cached XLA program, not constants.
   from rmsprop_jax.transform import _update_tree
 
   before = _update_tree._cache_size()

@@ -1,0 +1,134 @@
+"""scale_by_rms, dtypes, complex parameters and the fused kernel's shape."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import PARAMS0, assert_updates_close, fixed_grads, run
+from reference import reference_updates
+
+import rmsprop_jax
+from rmsprop_jax import scale_by_rms
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [{}, dict(centered=True), dict(eps_in_sqrt=False), dict(bias_correction=True),
+     dict(initial_scale=1.0)],
+    ids=["plain", "centered", "eps outside sqrt", "bias corrected", "initial scale 1"],
+)
+def test_scale_by_rms_is_rmsprop_with_unit_learning_rate(opts):
+  grads = fixed_grads(12, seed=11)
+  expected, _ = reference_updates(PARAMS0, grads, lr=-1.0, eps=1e-4, **opts)
+  actual, state = run(scale_by_rms(eps=1e-4, **opts), grads)
+  assert_updates_close(actual, expected, rtol=2e-5, atol=1e-8)
+  assert state.trace is None
+  assert (state.mu is not None) == opts.get("centered", False)
+
+
+@pytest.mark.parametrize("centered", [False, True], ids=["scale_by_rms", "scale_by_stddev"])
+def test_scale_by_rms_matches_optax(centered):
+  grads = fixed_grads(12, seed=12)
+  ours, _ = run(scale_by_rms(centered=centered), grads)
+  make = optax.scale_by_stddev if centered else optax.scale_by_rms
+  theirs, _ = run(make(), grads)
+  assert_updates_close(ours, theirs, rtol=1e-6, atol=0)
+
+
+def test_bfloat16_params_give_bfloat16_updates_computed_in_float32():
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), PARAMS0)
+  opt = rmsprop_jax.rmsprop(0.01, momentum=0.9, centered=True)
+  state = opt.init(params)
+  assert state.nu["w"].dtype == jnp.bfloat16
+  assert state.trace["w"].dtype == jnp.bfloat16
+  grads = fixed_grads(5, seed=13)
+  expected, _ = reference_updates(
+      jax.tree.map(np.asarray, params), grads, lr=0.01, momentum=0.9, centered=True
+  )
+  for t, g in enumerate(grads):
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), g)
+    u, state = opt.update(g, state, params)
+    assert u["w"].dtype == jnp.bfloat16
+    if t == 0:  # one step: only bf16 rounding of inputs and output
+      np.testing.assert_allclose(np.asarray(u["w"], np.float64), expected[0]["w"], rtol=2e-2)
+
+
+def test_bfloat16_second_moment_halves_state_and_tracks_float32():
+  grads = fixed_grads(30, seed=14)
+  f32, s32 = run(rmsprop_jax.rmsprop(0.01), grads)
+  b16, s16 = run(rmsprop_jax.rmsprop(0.01, nu_dtype=jnp.bfloat16), grads)
+  assert s16.nu["w"].dtype == jnp.bfloat16
+  assert b16[0]["w"].dtype == np.float64  # run() converts; the update is float32
+  nbytes = lambda s: sum(x.nbytes for x in jax.tree.leaves(s.nu))
+  assert nbytes(s16) * 2 == nbytes(s32)
+  assert_updates_close(b16, f32, rtol=1e-2, atol=1e-6)
+
+
+def test_bfloat16_second_moment_update_dtype_is_float32():
+  params = jax.tree.map(jnp.asarray, PARAMS0)
+  opt = rmsprop_jax.rmsprop(0.01, nu_dtype="bfloat16")
+  u, s = opt.update(jax.tree.map(jnp.asarray, fixed_grads(1)[0]), opt.init(params), params)
+  assert u["w"].dtype == jnp.float32 and s.nu["w"].dtype == jnp.bfloat16
+
+
+def test_complex_params_use_abs_squared_like_optax():
+  rng = np.random.default_rng(0)
+  params = jnp.asarray(rng.normal(size=(4,)) + 1j * rng.normal(size=(4,)), jnp.complex64)
+  grads = [
+      jnp.asarray(rng.normal(size=(4,)) + 1j * rng.normal(size=(4,)), jnp.complex64)
+      for _ in range(10)
+  ]
+  for opts in ({}, dict(centered=True, momentum=0.9)):
+    ours, theirs = rmsprop_jax.rmsprop(0.01, **opts), optax.rmsprop(0.01, **opts)
+    s_ours, s_theirs = ours.init(params), theirs.init(params)
+    assert s_ours.nu.dtype == jnp.float32  # real: |g|^2 needs no imaginary part
+    for g in grads:
+      u1, s_ours = ours.update(g, s_ours, params)
+      u2, s_theirs = jax.jit(theirs.update)(g, s_theirs, params)
+      assert u1.dtype == jnp.complex64
+      np.testing.assert_allclose(u1, u2, rtol=1e-5, atol=1e-7)
+    # numpy: |g|^2 EMA
+    nu = np.zeros(4)
+    for g in grads:
+      nu = 0.9 * nu + 0.1 * np.abs(np.asarray(g, np.complex128)) ** 2
+    np.testing.assert_allclose(s_ours.nu, nu, rtol=1e-5)
+
+
+def _kernels(opt, params):
+  """The elementwise loop kernels XLA emits for one jitted training step."""
+  state = opt.init(params)
+
+  def step(p, s, g):
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  hlo = jax.jit(step).lower(params, state, params).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  # Loops over a leaf; the scalar step counter's one-element fusion is free.
+  return [ln for ln in entry.splitlines() if "kind=kLoop" in ln and "[]" not in ln]
+
+
+@pytest.mark.parametrize(
+    "opts", [{}, dict(momentum=0.9, centered=True)], ids=["plain", "centered with momentum"]
+)
+def test_jitted_update_fuses_into_no_more_kernels_than_optax(opts):
+  # Every per-leaf step (moments, preconditioner, lr, momentum) fuses into
+  # loops over each leaf; XLA:CPU emits one loop per stored output (it has no
+  # multi-output loop fusion), XLA:GPU one kernel per leaf. Never more than
+  # optax's chain, and the count is per leaf, not per step of the chain.
+  n = 6
+  params = {f"p{i}": jnp.ones((64, 32)) * (i + 1) for i in range(n)}
+  ours = _kernels(rmsprop_jax.rmsprop(0.01, **opts), params)
+  theirs = _kernels(optax.rmsprop(0.01, **opts), params)
+  assert len(ours) <= len(theirs), "\n".join(ours)
+  outputs_per_leaf = 2 + len(opts)  # params and nu, plus mu and trace
+  assert len(ours) <= n * outputs_per_leaf, "\n".join(ours)
+
+
+def test_init_keeps_input_layout_and_does_not_read_values():
+  params = {"w": jnp.array([jnp.nan, jnp.inf, 1.0])}
+  state = rmsprop_jax.rmsprop(0.1, initial_scale=0.5, momentum=0.9).init(params)
+  chex.assert_trees_all_equal(state.nu, {"w": jnp.full(3, 0.5)})
+  chex.assert_trees_all_equal(state.trace, {"w": jnp.zeros(3)})
