@@ -141,7 +141,7 @@ def keras(
     >>> opt = presets.keras(learning_rate=0.1)
     >>> p = jnp.zeros(1)
     >>> opt.update(jnp.ones(1), opt.init(p), p)[0]  # -0.1 / sqrt(0.1 + 1e-7)
-    Array([-0.31622726], dtype=float32)
+    Array([-0.3162276], dtype=float32)
 
   References:
     https://keras.io/api/optimizers/rmsprop/
