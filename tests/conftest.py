@@ -6,7 +6,9 @@ raises so that a silent broadcast in our code fails a test.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_flag = "--xla_force_host_platform_device_count"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_flag}=8").strip()
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
