@@ -238,13 +238,13 @@ def test_eager_updates_share_one_compiled_program():
   opt.update(g, state, params)
   # A second optimizer with other numbers reuses the same compiled update:
   # hyperparameters are arguments of one cached XLA program, not constants.
-  from rmsprop_jax.transform import _update_tree
+  from rmsprop_jax.transform import _update_jit
 
-  before = _update_tree._cache_size()
+  before = _update_jit._cache_size()
   other = rmsprop_jax.rmsprop(0.5, decay=0.7)
   for _ in range(3):
     _, state = other.update(g, state, params)
-  assert _update_tree._cache_size() == before
+  assert _update_jit._cache_size() == before
 
 
 def test_state_is_a_pickleable_namedtuple():

@@ -59,9 +59,9 @@ def test_first_update_is_lr_over_sqrt_one_minus_decay_times_sign(g, lr, decay):
 
 
 def test_hypothesis_examples_share_one_compiled_update():
-  from rmsprop_jax.transform import _update_tree
+  from rmsprop_jax.transform import _update_jit
 
   _updates([[1.0] * N], 0.1, 0.9, 1e-8)
-  size = _update_tree._cache_size()
+  size = _update_jit._cache_size()
   _updates([[2.0] * N, [3.0] * N], 0.3, 0.5, 1e-8)
-  assert _update_tree._cache_size() == size
+  assert _update_jit._cache_size() == size

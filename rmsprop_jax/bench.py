@@ -1,0 +1,342 @@
+"""Benchmarks: ours against optax.rmsprop (and torch RMSprop) on this machine.
+
+``python -m rmsprop_jax bench`` runs every case in fresh processes, alternating
+the implementations (identical code differs by up to 10% between runs in one
+process depending on what was built first), and reports medians of the
+per-process medians, their spread, compile times, state bytes and the share
+of the streaming memory bandwidth measured in the same run.
+
+A worker process is ``python -m rmsprop_jax.bench CASE IMPL [--quick]``; it
+prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+IMPLS = ("optax", "ours", "ours_bf16", "torch")
+
+# case -> (description, implementations compared, target ratio ours/optax)
+CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "big_tree": ("conv-net-like tree (~20M params), jitted step, donated", ("optax", "ours", "torch"), "<= 1.0"),
+    "big_tree_bf16": ("same, ours with nu_dtype=bfloat16", ("optax", "ours_bf16"), "<= 1.0"),
+    "many_leaves_scan": ("600 leaves x 1,000 params, per step inside lax.scan", ("optax", "ours"), "<= 1.0"),
+    "many_leaves_step": ("600 leaves x 1,000 params, one jitted step per call", ("optax", "ours"), "(dispatch)"),
+    "compile_600": ("compile time of the 600-leaf jitted step", ("optax", "ours"), "<= 1.0"),
+    "eager_update": ("un-jitted update, 100 leaves x 20k params", ("optax", "ours"), "<= 0.15"),
+    "one_big_leaf": ("one 16M-param leaf, jitted step, donated", ("optax", "ours"), "<= 1.0"),
+}
+
+
+# ----------------------------------------------------------------- trees
+
+
+def conv_net_shapes(quick: bool = False) -> list[tuple[int, ...]]:
+  """Leaf shapes of a ResNet-like model: 3x3 convs, norm scales/biases, a head."""
+  widths, depth = ((8, 16, 32, 64), 2) if quick else ((64, 128, 256, 512), 4)
+  shapes: list[tuple[int, ...]] = [(7, 7, 3, widths[0])]
+  prev = widths[0]
+  for i, w in enumerate(widths):
+    n = depth + (2 if i == len(widths) - 1 else 0)
+    for _ in range(n):
+      shapes += [(3, 3, prev, w), (w,), (w,)]
+      prev = w
+  shapes += [(prev, 1000), (1000,)]
+  return shapes
+
+
+def _tree(shapes, dtype="float32", seed=0):
+  import jax
+  import jax.numpy as jnp
+
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {f"p{i:03d}": jax.random.normal(k, s, dtype=jnp.dtype(dtype)) for i, (k, s) in enumerate(zip(keys, shapes))}
+
+
+def _case_shapes(case: str, quick: bool) -> list[tuple[int, ...]]:
+  if case.startswith("big_tree"):
+    return conv_net_shapes(quick)
+  if case in ("many_leaves_scan", "many_leaves_step", "compile_600"):
+    return [(1000,)] * (60 if quick else 600)
+  if case == "eager_update":
+    return [(20_000,)] * (10 if quick else 100)
+  if case == "one_big_leaf":
+    return [(1 << 14 if quick else 1 << 24,)]
+  raise ValueError(f"unknown case {case!r}; choose from {sorted(CASES)}")
+
+
+def _make_opt(impl: str):
+  import jax.numpy as jnp
+  import optax
+
+  from rmsprop_jax import rmsprop
+
+  if impl == "optax":
+    return optax.rmsprop(1e-3)
+  if impl == "ours":
+    return rmsprop(1e-3)
+  if impl == "ours_bf16":
+    return rmsprop(1e-3, nu_dtype=jnp.bfloat16)
+  raise ValueError(impl)
+
+
+# ----------------------------------------------------------------- timing
+
+
+def _median_time(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def measure_bandwidth(quick: bool = False) -> float:
+  """Streaming bandwidth (bytes/s) of an XLA triad ``a + 1.5 * b`` on this device."""
+  import jax
+  import jax.numpy as jnp
+
+  n = (1 << 20) if quick else (1 << 25)
+  a = jnp.ones(n, jnp.float32)
+  b = jnp.ones(n, jnp.float32)
+  triad = jax.jit(lambda a, b: a + 1.5 * b)
+  t = _median_time(lambda: triad(a, b).block_until_ready(), 3 if quick else 15)
+  return 3 * 4 * n / t
+
+
+def _state_bytes(state) -> int:
+  import jax
+
+  return int(sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")))
+
+
+def _bytes_per_step(params, nu_bytes_per_elem: int) -> int:
+  """Minimal traffic of a plain RMSProp step: read g, p, nu; write p, nu."""
+  import jax
+
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return n * (3 * 4 + 2 * nu_bytes_per_elem)
+
+
+def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
+  """Runs one (case, implementation) in this process; returns its numbers."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  shapes = _case_shapes(case, quick)
+  iters = 3 if quick else 20
+  out: dict[str, Any] = {"case": case, "impl": impl, "device": jax.devices()[0].device_kind,
+                         "n_params": int(sum(int(jnp.prod(jnp.array(s))) for s in shapes)),
+                         "n_leaves": len(shapes)}
+  if impl == "torch":
+    return {**out, **_run_torch(shapes, iters)}
+  params = _tree(shapes)
+  grads = _tree(shapes, seed=1)
+  opt = _make_opt(impl)
+  state = opt.init(params)
+  out["state_bytes"] = _state_bytes(state)
+
+  def step(p, s, g):
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  if case == "eager_update":
+    def call():
+      u, _ = opt.update(grads, state, params)
+      jax.block_until_ready(u)
+
+    t0 = time.perf_counter()
+    call()
+    out["first_call_s"] = time.perf_counter() - t0
+    out["time_s"] = _median_time(call, iters)
+    return out
+
+  if case == "many_leaves_scan":
+    length = 20 if quick else 200
+
+    def scanned(p, s, g):
+      def body(carry, _):
+        return step(*carry, g), None
+
+      return jax.lax.scan(body, (p, s), None, length=length)[0]
+
+    fn = jax.jit(scanned, donate_argnums=(0, 1))
+  else:
+    fn = jax.jit(step, donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  compiled = fn.lower(params, state, grads).compile()
+  out["compile_s"] = time.perf_counter() - t0
+  if case == "compile_600":
+    out["time_s"] = out["compile_s"]
+    return out
+
+  carry = [params, state]
+
+  def call():
+    carry[0], carry[1] = compiled(carry[0], carry[1], grads)
+    jax.block_until_ready(carry)
+
+  t = _median_time(call, iters)
+  out["time_s"] = t / (length if case == "many_leaves_scan" else 1)
+  if case in ("big_tree", "big_tree_bf16", "one_big_leaf"):
+    nu_b = 2 if impl == "ours_bf16" else 4
+    out["bytes_per_step"] = _bytes_per_step(params, nu_b)
+  return out
+
+
+def _run_torch(shapes, iters) -> dict[str, Any]:
+  try:
+    import torch
+  except ImportError:
+    return {"skipped": "torch is not installed"}
+  torch.manual_seed(0)
+  params = [torch.randn(s) for s in shapes]
+  for p in params:
+    p.grad = torch.randn_like(p)
+  opt = torch.optim.RMSprop(params, lr=1e-3, foreach=True)
+  t = _median_time(opt.step, iters)
+  return {"time_s": t, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------- driver
+
+
+def _worker(case: str, impl: str, quick: bool) -> dict[str, Any]:
+  cmd = [sys.executable, "-m", "rmsprop_jax.bench", case, impl] + (["--quick"] if quick else [])
+  env = dict(os.environ)
+  res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+  if res.returncode != 0:
+    raise RuntimeError(f"bench worker {case}/{impl} failed:\n{res.stderr[-3000:]}")
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _bandwidth_worker(quick: bool) -> float:
+  cmd = [sys.executable, "-m", "rmsprop_jax.bench", "--bandwidth"] + (["--quick"] if quick else [])
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+  return float(res.stdout.strip().splitlines()[-1])
+
+
+def collect(repeats: int = 5, quick: bool = False, cases: list[str] | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs the cases in separate processes, alternating implementations."""
+  cases = list(cases or CASES)
+  for c in cases:
+    if c not in CASES:
+      raise ValueError(f"unknown case {c!r}; choose from {sorted(CASES)}")
+  repeats = 1 if quick else repeats
+  bws = [_bandwidth_worker(quick) for _ in range(max(1, min(repeats, 3)))]
+  results: dict[str, Any] = {"bandwidth_Bps": statistics.median(bws), "cases": {}}
+  for case in cases:
+    impls = CASES[case][1]
+    runs: dict[str, list[dict[str, Any]]] = {i: [] for i in impls}
+    for r in range(repeats):
+      order = impls if r % 2 == 0 else tuple(reversed(impls))
+      for impl in order:
+        runs[impl].append(_worker(case, impl, quick))
+        log(f"  {case:<18} {impl:<10} run {r + 1}/{repeats}: "
+            f"{runs[impl][-1].get('time_s', float('nan')) * 1e3:9.3f} ms")
+    results["cases"][case] = runs
+  return results
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """One row per case: medians, spreads, ratios ours/optax and ours/torch."""
+  rows = []
+  bw = results["bandwidth_Bps"]
+  for case, runs in results["cases"].items():
+    med = {}
+    spread = {}
+    for impl, rs in runs.items():
+      ts = [r["time_s"] for r in rs if "time_s" in r]
+      if ts:
+        med[impl] = statistics.median(ts)
+        spread[impl] = (max(ts) - min(ts)) / med[impl] if med[impl] else 0.0
+    ours_key = "ours_bf16" if "ours_bf16" in med else "ours"
+    row: dict[str, Any] = {"case": case, "what": CASES[case][0], "target": CASES[case][2],
+                           "median_s": med, "spread": spread}
+    if "optax" in med and ours_key in med:
+      row["ratio_vs_optax"] = med[ours_key] / med["optax"]
+    if "torch" in med and ours_key in med:
+      row["speedup_vs_torch"] = med["torch"] / med[ours_key]
+    first = runs[ours_key][0]
+    if "bytes_per_step" in first:
+      row["pct_bandwidth"] = 100 * first["bytes_per_step"] / med[ours_key] / bw
+      opt_first = runs["optax"][0]
+      row["pct_bandwidth_optax"] = 100 * opt_first["bytes_per_step"] / med["optax"] / bw
+    comp = {i: statistics.median([r["compile_s"] for r in rs]) for i, rs in runs.items()
+            if rs and "compile_s" in rs[0]}
+    if comp:
+      row["compile_s"] = comp
+    sb = {i: rs[0]["state_bytes"] for i, rs in runs.items() if rs and "state_bytes" in rs[0]}
+    if sb:
+      row["state_bytes"] = sb
+      if "optax" in sb and ours_key in sb:
+        row["state_bytes_ratio"] = sb[ours_key] / sb["optax"]
+    rows.append(row)
+  return rows
+
+
+def format_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
+  lines = [
+      f"streaming bandwidth (XLA triad, this run): {results['bandwidth_Bps'] / 1e9:.1f} GB/s",
+      "",
+      f"{'case':<18}{'ours (ms)':>11}{'optax (ms)':>12}{'ours/optax':>12}{'target':>9}"
+      f"{'spread':>8}{'% bw':>7}{'vs torch':>10}{'compile ours/optax (s)':>24}{'state ours/optax':>18}",
+  ]
+  for r in rows:
+    med = r["median_s"]
+    ours_key = "ours_bf16" if "ours_bf16" in med else "ours"
+    comp = r.get("compile_s", {})
+    comp_s = f"{comp.get(ours_key, float('nan')):.2f}/{comp.get('optax', float('nan')):.2f}" if comp else "-"
+    sb = r.get("state_bytes_ratio")
+    lines.append(
+        f"{r['case']:<18}{med.get(ours_key, float('nan')) * 1e3:>11.3f}"
+        f"{med.get('optax', float('nan')) * 1e3:>12.3f}{r.get('ratio_vs_optax', float('nan')):>12.3f}"
+        f"{r['target']:>9}{max(r['spread'].values()) * 100:>7.0f}%"
+        f"{r.get('pct_bandwidth', float('nan')):>7.0f}"
+        f"{(str(round(r['speedup_vs_torch'], 1)) + 'x') if 'speedup_vs_torch' in r else '-':>10}"
+        f"{comp_s:>24}{(f'{sb:.2f}' if sb else '-'):>18}"
+    )
+  lines.append("")
+  lines.append("ratios: medians over processes (alternating order); spread: (max-min)/median of"
+               " the per-process medians; % bw: minimal bytes of a step / time / triad bandwidth;"
+               " vs torch: torch.optim.RMSprop(foreach=True) time / ours.")
+  return "\n".join(lines)
+
+
+def main(repeats: int = 5, quick: bool = False, cases: list[str] | None = None,
+         json_path: str | None = None) -> dict[str, Any]:
+  """Entry point of ``python -m rmsprop_jax bench``."""
+  results = collect(repeats=repeats, quick=quick, cases=cases)
+  rows = summarize(results)
+  print()
+  print(format_table(rows, results))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({"rows": rows, "raw": results}, f, indent=1)
+  return {"rows": rows, "raw": results}
+
+
+def _cli(argv: list[str]) -> None:
+  quick = "--quick" in argv
+  argv = [a for a in argv if a != "--quick"]
+  if argv == ["--bandwidth"]:
+    print(measure_bandwidth(quick))
+    return
+  case, impl = argv
+  print(json.dumps(run_case(case, impl, quick)))
+
+
+if __name__ == "__main__":
+  _cli(sys.argv[1:])
