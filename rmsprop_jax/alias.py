@@ -74,7 +74,8 @@ def rmsprop(
     bias_correction: divide :math:`\nu` (and :math:`\mu`) by
       :math:`1-\rho^t`.
     nu_dtype: storage dtype of :math:`\nu`, e.g. ``jnp.bfloat16`` to halve its
-      memory; arithmetic stays in float32 or wider. None: the params' dtype.
+      memory and traffic; arithmetic stays in float32 or wider, and each step
+      divides by the stored (rounded) :math:`\nu`. None: the params' dtype.
     weight_decay: :math:`\lambda` >= 0; 0 disables it.
     weight_decay_mode: ``"coupled"`` (L2 added to the gradient) or
       ``"decoupled"`` (subtracted from the update, scaled by the current lr).

@@ -27,6 +27,7 @@ def reference_updates(
     weight_decay_mode="coupled",
     maximize=False,
     lr_inside_momentum=True,
+    nu_round=None,
 ):
   """Runs RMSProp in float64 on a dict of arrays.
 
@@ -35,6 +36,8 @@ def reference_updates(
     grads: either a list of dicts (a fixed gradient sequence) or a callable
       ``params -> grads dict`` (gradients that depend on the parameters).
     lr: a float or a callable ``step -> lr`` (step counted from 0).
+    nu_round: optional function rounding the second moment to its storage
+      precision after each EMA update (the step then uses the rounded value).
     (the rest): as in rmsprop_jax.rmsprop.
 
   Returns:
@@ -57,6 +60,8 @@ def reference_updates(
       if weight_decay and weight_decay_mode == "coupled":
         g = g + weight_decay * p[k]
       nu[k] = decay * nu[k] + (1 - decay) * g * g
+      if nu_round is not None:
+        nu[k] = nu_round(nu[k])
       mu[k] = decay * mu[k] + (1 - decay) * g
       nu_hat, mu_hat = nu[k], mu[k]
       if bias_correction:
