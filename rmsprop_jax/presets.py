@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax as _optax
 
@@ -45,6 +46,10 @@ def pytorch(
     momentum: jax.typing.ArrayLike = 0,
     centered: bool = False,
     maximize: bool = False,
+    *,
+    capturable: bool = False,
+    foreach: Optional[bool] = None,
+    differentiable: bool = False,
 ) -> _optax.GradientTransformationExtraArgs:
   r"""``torch.optim.RMSprop``, same names, defaults and update order.
 
@@ -68,6 +73,11 @@ def pytorch(
     momentum: momentum factor in [0, 1); 0 keeps no buffer.
     centered: normalise by the estimated variance of the gradient.
     maximize: maximise the objective (negates the gradient first).
+    capturable: accepted so that a torch call ports unchanged; it selects a
+      torch kernel (CUDA graphs) and does not change the numbers.
+    foreach: likewise (torch's multi-tensor kernel); ignored.
+    differentiable: likewise (autograd through the step); ignored, JAX
+      differentiates through any update.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Pass ``params`` to
@@ -90,6 +100,7 @@ def pytorch(
   _checks.check_scalar("eps", eps, 0.0)
   _checks.check_scalar("weight_decay", weight_decay, 0.0)
   _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
+  del capturable, foreach, differentiable  # torch kernel choices, same numbers
   return rmsprop(
       lr,
       decay=alpha,
@@ -111,6 +122,10 @@ def keras(
     epsilon: jax.typing.ArrayLike = 1e-7,
     centered: bool = False,
     weight_decay: Optional[jax.typing.ArrayLike] = None,
+    clipnorm: Optional[float] = None,
+    clipvalue: Optional[float] = None,
+    global_clipnorm: Optional[float] = None,
+    name: str = "rmsprop",
 ) -> _optax.GradientTransformationExtraArgs:
   r"""Keras 3 ``keras.optimizers.RMSprop``, same names, defaults and order.
 
@@ -130,10 +145,17 @@ def keras(
     centered: normalise by the estimated variance of the gradient.
     weight_decay: decoupled decay ``theta -= lr * wd * theta`` with the
       current learning rate, >= 0, or None.
+    clipnorm: clip each gradient leaf to this L2 norm, as Keras does, before
+      weight decay and the update. At most one of the three clip options.
+    clipvalue: clip each gradient entry to ``[-clipvalue, clipvalue]``.
+    global_clipnorm: clip all gradients jointly to this global L2 norm.
+    name: accepted so that a Keras call ports unchanged; unused.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Pass ``params`` to
-    ``update`` when ``weight_decay`` is set.
+    ``update`` when ``weight_decay`` is set. With a clip option it is
+    ``optax.chain(clip, rmsprop)`` (its state a tuple; see
+    :func:`rmsprop_jax.diagnostics.find_state`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -151,7 +173,8 @@ def keras(
   _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
   _checks.check_scalar("epsilon", epsilon, 0.0)
   _checks.check_scalar("weight_decay", weight_decay, 0.0, allow_none=True)
-  return rmsprop(
+  del name
+  core = rmsprop(
       learning_rate,
       decay=rho,
       eps=epsilon,
@@ -161,6 +184,41 @@ def keras(
       weight_decay=0.0 if weight_decay is None else weight_decay,
       weight_decay_mode="decoupled",
   )
+  clip = _keras_clip(clipnorm, clipvalue, global_clipnorm)
+  return core if clip is None else _optax.chain(clip, core)
+
+
+def _keras_clip(clipnorm, clipvalue, global_clipnorm):
+  """Keras 3's gradient clipping (``BaseOptimizer._clip_gradients``)."""
+  given = {k: v for k, v in (("clipnorm", clipnorm), ("clipvalue", clipvalue),
+                             ("global_clipnorm", global_clipnorm)) if v is not None}
+  if len(given) > 1:
+    raise ValueError(
+        "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
+        + ", ".join(f"{k}={v}" for k, v in given.items())
+    )
+  for k, v in given.items():
+    _checks.check_scalar(k, v, 0.0)
+  if clipnorm:
+
+    def clip_leaf(g):  # Keras' _clip_by_norm, NaN-safe for zero gradients
+      l2sum = jnp.sum(jnp.square(g))
+      l2norm = jnp.where(l2sum > 0, jnp.sqrt(jnp.where(l2sum > 0, l2sum, 1.0)), l2sum)
+      return (g * clipnorm) / jnp.maximum(l2norm, clipnorm)
+
+    return _optax.stateless(lambda updates, params: jax.tree.map(clip_leaf, updates))
+  if global_clipnorm:
+
+    def clip_global(updates, params):  # Keras' clip_by_global_norm
+      norm = _optax.tree.norm(updates)
+      scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm)
+      scale = scale + (norm - norm)
+      return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)
+
+    return _optax.stateless(clip_global)
+  if clipvalue:
+    return _optax.clip(clipvalue)
+  return None
 
 
 def tf1(

@@ -118,6 +118,9 @@ KERAS_GRID = {
     "centered with momentum": dict(learning_rate=0.01, centered=True, momentum=0.8),
     "everything": dict(learning_rate=0.005, rho=0.8, momentum=0.5, epsilon=1e-6,
                        centered=True, weight_decay=0.05),
+    "clipnorm": dict(learning_rate=0.01, clipnorm=0.5, weight_decay=0.05),
+    "clipvalue": dict(learning_rate=0.01, clipvalue=0.3, momentum=0.9),
+    "global clipnorm": dict(learning_rate=0.01, global_clipnorm=1.0, centered=True),
 }
 
 
@@ -188,6 +191,17 @@ def tf1_numpy(learning_rate, decay=0.9, momentum=0.0, epsilon=1e-10, centered=Fa
 @pytest.mark.parametrize("kwargs", TF1_GRID.values(), ids=TF1_GRID.keys())
 def test_tf1_preset_matches_a_float64_model_of_tf1(kwargs):
   assert_trajectories_close(run_ours(presets.tf1(**kwargs)), tf1_numpy(**kwargs))
+
+
+def test_torch_kernel_flags_port_unchanged_and_do_not_change_numbers():
+  kwargs = dict(lr=0.01, momentum=0.9)
+  flagged = run_ours(presets.pytorch(**kwargs, foreach=True, capturable=False, differentiable=False))
+  assert_trajectories_close(flagged, run_torch(dict(kwargs, foreach=True)))
+
+
+def test_keras_refuses_two_clip_options():
+  with pytest.raises(ValueError, match="Only one of clipnorm, clipvalue and global_clipnorm"):
+    presets.keras(clipnorm=1.0, clipvalue=0.5)
 
 
 def test_optax_preset_is_optax_rmsprop():
