@@ -1,6 +1,15 @@
-"""RMSProp as a fast, faithful JAX/Optax gradient transformation."""
+"""RMSProp as a fast, framework-faithful JAX/Optax gradient transformation.
 
-from rmsprop_jax import presets
+Public API:
+
+- :func:`rmsprop`: the optimizer (``optax.rmsprop``'s numbers by default).
+- :func:`scale_by_rms`: its learning-rate-free half.
+- :class:`RMSPropState`: the state (``count``, ``nu``, ``mu``, ``trace``).
+- :mod:`presets`: ``pytorch``, ``keras``, ``tf1`` and ``optax`` flavours.
+- :func:`effective_learning_rate` and :mod:`diagnostics`: inspect a state.
+"""
+
+from rmsprop_jax import diagnostics, presets
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
 from rmsprop_jax.transform import RMSPropState, scale_by_rms
@@ -9,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RMSPropState",
+    "diagnostics",
     "effective_learning_rate",
     "presets",
     "rmsprop",

@@ -214,12 +214,8 @@ def _leaf_update(g, p, nu, mu, trace, consts: Callable[[Any], _Consts], cfg: Con
 
 
 # ---------------------------------------------------------------------------
-# Tree level: one compiled function for the whole update.
+# Tree level: the whole update and init as single functions of whole trees.
 # ---------------------------------------------------------------------------
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
 
 
 def _update_tree(updates, state: RMSPropState, params, hp: Hyperparams, cfg: Config):
@@ -352,6 +348,8 @@ def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationE
     del extra_args
     first_leaf = jax.tree.leaves(updates)[:1]
     update = _update_tree if _in_trace(first_leaf, state.count, hp) else _update_jit
+    if cfg.weight_decay is None:
+      params = None  # unused: not worth passing to the compiled update
     return update(updates, state, params, hp, cfg)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
