@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,7 +25,7 @@ def rmsprop(
     eps_in_sqrt: bool = True,
     initial_scale: jax.typing.ArrayLike = 0.0,
     centered: bool = False,
-    momentum: Optional[jax.typing.ArrayLike] = None,
+    momentum: jax.typing.ArrayLike | None = None,
     nesterov: bool = False,
     bias_correction: bool = False,
     nu_dtype: Any = None,

@@ -18,7 +18,7 @@ weight decay            coupled (L2)  decoupled    none             none
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ def pytorch(
     maximize: bool = False,
     *,
     capturable: bool = False,
-    foreach: Optional[bool] = None,
+    foreach: bool | None = None,
     differentiable: bool = False,
 ) -> _optax.GradientTransformationExtraArgs:
   r"""``torch.optim.RMSprop``, same names, defaults and update order.
@@ -121,10 +121,10 @@ def keras(
     momentum: jax.typing.ArrayLike = 0.0,
     epsilon: jax.typing.ArrayLike = 1e-7,
     centered: bool = False,
-    weight_decay: Optional[jax.typing.ArrayLike] = None,
-    clipnorm: Optional[float] = None,
-    clipvalue: Optional[float] = None,
-    global_clipnorm: Optional[float] = None,
+    weight_decay: jax.typing.ArrayLike | None = None,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
     name: str = "rmsprop",
 ) -> _optax.GradientTransformationExtraArgs:
   r"""Keras 3 ``keras.optimizers.RMSprop``, same names, defaults and order.
@@ -279,7 +279,7 @@ def optax(
     initial_scale: jax.typing.ArrayLike = 0.0,
     eps_in_sqrt: bool = True,
     centered: bool = False,
-    momentum: Optional[jax.typing.ArrayLike] = None,
+    momentum: jax.typing.ArrayLike | None = None,
     nesterov: bool = False,
     bias_correction: bool = False,
 ) -> _optax.GradientTransformationExtraArgs:

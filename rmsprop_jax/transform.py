@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -49,8 +49,8 @@ class RMSPropState(NamedTuple):
 
   count: chex.Array
   nu: optax.Updates
-  mu: Optional[optax.Updates] = None
-  trace: Optional[optax.Updates] = None
+  mu: optax.Updates | None = None
+  trace: optax.Updates | None = None
 
 
 class Config(NamedTuple):
@@ -63,9 +63,9 @@ class Config(NamedTuple):
   momentum: bool = False
   nesterov: bool = False
   scale_by_learning_rate: bool = True
-  schedule: Optional[Callable[[chex.Numeric], chex.Numeric]] = None
+  schedule: Callable[[chex.Numeric], chex.Numeric] | None = None
   lr_inside_momentum: bool = True
-  weight_decay: Optional[str] = None
+  weight_decay: str | None = None
   maximize: bool = False
   safe_divide: bool = False
 
