@@ -171,6 +171,16 @@ def test_inject_hyperparams_matches_and_can_be_changed_mid_run():
   )
 
 
+def test_inject_hyperparams_with_every_numeric_option_traced():
+  kwargs = dict(decay=0.8, eps=1e-4, momentum=0.9, weight_decay=0.01, initial_scale=0.5)
+  injected = optax.inject_hyperparams(rmsprop_jax.rmsprop)(learning_rate=0.01, **kwargs)
+  grads = fixed_grads(12, seed=9)
+  ours, state = run(injected, grads)  # jitted: every hyperparameter is a tracer
+  assert set(state.hyperparams) >= {"learning_rate", "decay", "eps", "momentum", "weight_decay"}
+  expected, _ = reference_updates(PARAMS0, grads, lr=0.01, **kwargs)
+  assert_updates_close(ours, expected, rtol=2e-5, atol=1e-8)
+
+
 def _train(lr, decay, grads):
   """A jittable run over a fixed gradient array sequence; returns final params."""
   opt = rmsprop_jax.rmsprop(lr, decay=decay)
