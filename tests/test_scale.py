@@ -45,6 +45,8 @@ def test_init_and_update_keep_every_state_leaf_sharded_like_its_param(axis_type)
     opt = rmsprop_jax.rmsprop(0.1, momentum=0.9, centered=True, nu_dtype=jnp.bfloat16)
     for state in (opt.init(params), jax.jit(opt.init)(params)):
       _assert_state_sharded_like(state, params)
+    _, eager_state = opt.update(params, state, params)  # the cached compiled update
+    _assert_state_sharded_like(eager_state, params)
     updates, state = jax.jit(opt.update)(params, state, params)
     _assert_state_sharded_like(state, params)
     for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
