@@ -22,6 +22,13 @@ def find_state(state: Any) -> RMSPropState:
 
   Returns:
     That :class:`RMSPropState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import rmsprop_jax
+    >>> opt = optax.chain(optax.clip(1.0), rmsprop_jax.rmsprop(0.1))
+    >>> rmsprop_jax.diagnostics.find_state(opt.init(jnp.zeros(2))).nu
+    Array([0., 0.], dtype=float32)
   """
   is_ours = lambda x: isinstance(x, RMSPropState)
   found = [s for s in jax.tree.leaves(state, is_leaf=is_ours) if is_ours(s)]

@@ -333,7 +333,10 @@ def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationE
   own beyond the tree checks in ``init`` and ``update``.
   """
   if cfg.nu_dtype is not None:
-    cfg = cfg._replace(nu_dtype=jnp.dtype(cfg.nu_dtype))
+    nu_dtype = jnp.dtype(cfg.nu_dtype)
+    if not jnp.issubdtype(nu_dtype, jnp.floating):
+      raise TypeError(f"nu_dtype must be a real floating dtype, got {nu_dtype}")
+    cfg = cfg._replace(nu_dtype=nu_dtype)
   if not _checks.is_concrete(hp.eps):
     cfg = cfg._replace(safe_divide=True)
   elif float(np.min(np.asarray(hp.eps))) == 0.0:

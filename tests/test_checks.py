@@ -57,6 +57,11 @@ def test_bool_is_not_a_learning_rate():
     rmsprop_jax.rmsprop(True)
 
 
+def test_nu_dtype_must_be_floating():
+  with pytest.raises(TypeError, match="nu_dtype must be a real floating dtype, got int32"):
+    rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.int32)
+
+
 def test_nesterov_without_momentum_is_refused():
   with pytest.raises(ValueError, match="nesterov=True needs a momentum value"):
     rmsprop_jax.rmsprop(0.1, nesterov=True)
