@@ -37,14 +37,16 @@ def check_scalar(
 ) -> None:
   """Raise ``ValueError`` unless ``value`` is finite and in ``[low, high]``.
 
-  ``high_open`` makes the upper bound exclusive. Tracers and callables
-  (schedules) pass unchecked.
+  ``high_open`` makes the upper bound exclusive. Tracers pass unchecked.
   """
   if value is None:
     if allow_none:
       return
     raise ValueError(f"{name} must be a number, got None")
-  if callable(value) or not is_concrete(value):
+  if callable(value):
+    raise TypeError(f"{name} must be a number or an array, got the callable {value!r}"
+                    " (only the learning rate may be a schedule)")
+  if not is_concrete(value):
     return
   if isinstance(value, bool):
     raise TypeError(f"{name} must be a number, got the bool {value!r}")

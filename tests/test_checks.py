@@ -57,6 +57,11 @@ def test_bool_is_not_a_learning_rate():
     rmsprop_jax.rmsprop(True)
 
 
+def test_only_the_learning_rate_may_be_a_schedule():
+  with pytest.raises(TypeError, match="decay must be a number or an array, got the callable"):
+    rmsprop_jax.rmsprop(0.1, decay=lambda count: 0.9)
+
+
 def test_nu_dtype_must_be_floating():
   with pytest.raises(TypeError, match="nu_dtype must be a real floating dtype, got int32"):
     rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.int32)
