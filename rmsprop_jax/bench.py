@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-IMPLS = ("optax", "ours", "ours_bf16", "torch")
-
 # case -> (description, implementations compared, target ratio ours/optax)
 CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "big_tree": (
