@@ -13,6 +13,7 @@ prints one JSON line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -142,13 +143,12 @@ def _bytes_per_step(params, nu_bytes_per_elem: int) -> int:
 def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
   """Runs one (case, implementation) in this process; returns its numbers."""
   import jax
-  import jax.numpy as jnp
   import optax
 
   shapes = _case_shapes(case, quick)
   iters = 3 if quick else 20
   out: dict[str, Any] = {"case": case, "impl": impl, "device": jax.devices()[0].device_kind,
-                         "n_params": int(sum(int(jnp.prod(jnp.array(s))) for s in shapes)),
+                         "n_params": sum(math.prod(s) for s in shapes),
                          "n_leaves": len(shapes)}
   if impl == "torch":
     return {**out, **_run_torch(shapes, iters)}

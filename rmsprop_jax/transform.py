@@ -337,9 +337,8 @@ def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationE
     if not jnp.issubdtype(nu_dtype, jnp.floating):
       raise TypeError(f"nu_dtype must be a real floating dtype, got {nu_dtype}")
     cfg = cfg._replace(nu_dtype=nu_dtype)
-  if not _checks.is_concrete(hp.eps):
-    cfg = cfg._replace(safe_divide=True)
-  elif float(np.min(np.asarray(hp.eps))) == 0.0:
+  eps_may_be_zero = not _checks.is_concrete(hp.eps) or np.min(np.asarray(hp.eps)) == 0.0
+  if eps_may_be_zero:
     cfg = cfg._replace(safe_divide=True)
 
   def init_fn(params: optax.Params) -> RMSPropState:
