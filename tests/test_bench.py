@@ -20,8 +20,11 @@ def _fake_results():
               "torch": runs("torch", [0.030, 0.040, 0.035]),
           },
           "big_tree_bf16": {
-              "optax": runs("optax", [0.010], state_bytes=400, bytes_per_step=200_000_000),
-              "ours_bf16": runs("ours_bf16", [0.008], state_bytes=200, bytes_per_step=160_000_000),
+              "optax": runs("optax", [0.010], state_bytes=400, bytes_per_step=200_000_000,
+                            xla_bytes_per_param=28.0),
+              "ours_bf16": runs("ours_bf16", [0.008], state_bytes=200, bytes_per_step=160_000_000,
+                                xla_bytes_per_param=22.0),
+              "torch": [{"case": "big_tree_bf16", "impl": "torch", "skipped": "no CUDA here"}],
           },
       },
   }
@@ -39,6 +42,8 @@ def test_summary_ratios_are_medians_of_processes():
   bf16 = rows["big_tree_bf16"]
   assert bf16["ratio_vs_optax"] == pytest.approx(0.8)
   assert bf16["state_bytes_ratio"] == 0.5
+  assert bf16["xla_bytes_ratio"] == pytest.approx(22 / 28)
+  assert "speedup_vs_torch" not in bf16  # a skipped run is not a time
 
 
 def test_table_names_every_case_and_the_bandwidth():
@@ -46,6 +51,8 @@ def test_table_names_every_case_and_the_bandwidth():
   text = bench.format_table(bench.summarize(res), res)
   assert "40.0 GB/s" in text
   assert "big_tree " in text and "big_tree_bf16" in text
+  assert "22.0/28.0 B" in text
+  assert "torch: no CUDA here" in text  # why a row has no torch ratio
 
 
 def test_unknown_case_is_refused():
