@@ -12,10 +12,10 @@ tracers). It computes, per leaf and in this order, the same chain as optax's
 4. ``_momentum`` and the learning rate, in either order;
 5. decoupled weight decay.
 
-Outside a user's ``jit`` the whole tree update is a single cached XLA call
-instead of hundreds of op-by-op dispatches; inside one it is traced inline
-(with ``lax`` primitives, cheap to trace) and fuses into elementwise loops per
-leaf.
+Outside a user's ``jit`` (including under an un-jitted ``vmap`` or ``grad``)
+the whole tree update is a single cached XLA call instead of hundreds of
+op-by-op dispatches; inside one it is traced inline (with ``lax`` primitives,
+cheap to trace) and fuses into elementwise loops per leaf.
 """
 
 from __future__ import annotations
@@ -313,16 +313,39 @@ def _init_tree(params, initial_scale, cfg: Config) -> RMSPropState:
   )
 
 
-# Called outside any trace, an update is one call of a cached compiled program
-# (hyperparameters are its arguments, so new values do not recompile). Inside a
-# user's jit/scan/vmap trace the plain functions are traced inline instead: the
-# outer program compiles them, and no second copy of the traced update is kept.
+# Unless a program is being staged around it, an update is one call of a cached
+# compiled program (hyperparameters are its arguments, so new values do not
+# recompile); under an un-jitted vmap or grad it is that program, batched or
+# differentiated, not op-by-op dispatch. Inside a user's jit/scan the plain
+# functions are traced inline instead: the outer program compiles them, and
+# XLA need not inline a nested computation (8% more compile time on 600 leaves).
 _update_jit = jax.jit(_update_tree, static_argnames=("cfg",))
 _init_jit = jax.jit(_init_tree, static_argnames=("cfg",))
 
 
 def _in_trace(*trees: Any) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+
+
+def _staging(*trees: Any) -> bool:
+  """Whether a jit/scan/... trace is building a program around this call.
+
+  Walks the current trace and its parents (vmap and grad traces sit on top of
+  the one they were called in). If JAX's internals ever change shape, falls
+  back to "any argument is a tracer", which is always correct, only slower
+  under an un-jitted vmap.
+  """
+  try:
+    from jax._src import core as jax_core
+
+    trace = jax_core.trace_ctx.trace
+    while trace is not None:
+      if "Jaxpr" in type(trace).__name__:  # DynamicJaxprTrace, JaxprTrace
+        return True
+      trace = getattr(trace, "parent_trace", None)
+    return False
+  except Exception:
+    return _in_trace(*trees)
 
 
 def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationExtraArgs:
@@ -343,13 +366,13 @@ def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationE
 
   def init_fn(params: optax.Params) -> RMSPropState:
     _checks.check_float_params(params)
-    init = _init_tree if _in_trace(params, hp) else _init_jit
+    init = _init_tree if _staging(params, hp) else _init_jit
     return init(params, hp.initial_scale, cfg)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     first_leaf = jax.tree.leaves(updates)[:1]
-    update = _update_tree if _in_trace(first_leaf, state.count, hp) else _update_jit
+    update = _update_tree if _staging(first_leaf, state.count, hp) else _update_jit
     if cfg.weight_decay is None:
       params = None  # unused: not worth passing to the compiled update
     return update(updates, state, params, hp, cfg)

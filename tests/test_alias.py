@@ -214,6 +214,49 @@ def test_vmap_over_lr_and_decay_equals_separate_runs():
   )
 
 
+def _first_updates(lr, decay, params, grads):
+  """Un-jitted: one init and two updates of a fresh optimizer."""
+  opt = rmsprop_jax.rmsprop(lr, decay=decay, momentum=0.5)
+  state = opt.init(params)
+  u, state = opt.update(grads, state, params)
+  u, state = opt.update(grads, state, params)
+  return u
+
+
+def test_unjitted_vmap_runs_the_cached_program_and_matches_numpy(monkeypatch):
+  from rmsprop_jax import transform
+
+  calls = []
+  real = transform._update_jit
+  monkeypatch.setattr(transform, "_update_jit", lambda *a, **k: calls.append(1) or real(*a, **k))
+  params = {"w": jnp.asarray(PARAMS0["w"])}
+  grads = {"w": jnp.asarray(fixed_grads(1, seed=3)[0]["w"])}
+  lrs, decays = jnp.array([0.01, 0.1, 0.3]), jnp.array([0.9, 0.5, 0.99])
+  batched = jax.vmap(_first_updates, in_axes=(0, 0, None, None))(lrs, decays, params, grads)
+  assert len(calls) == 2  # one batched compiled call per update, not op by op
+  for i, (lr, d) in enumerate(zip(lrs.tolist(), decays.tolist())):
+    expected, _ = reference_updates({"w": PARAMS0["w"]}, [fixed_grads(1, seed=3)[0]] * 2, lr=lr,
+                                    decay=d, momentum=0.5)
+    np.testing.assert_allclose(batched["w"][i], expected[-1]["w"], rtol=2e-5, atol=1e-8)
+  calls.clear()
+  jax.jit(_first_updates)(0.1, 0.9, params, grads)  # inside jit: traced inline
+  assert calls == []
+
+
+def test_grad_through_an_unjitted_update_wrt_learning_rate():
+  # d/d lr of sum(update) = sum(update) / lr for the plain variant.
+  params = jnp.asarray(PARAMS0["w"])
+  g = jnp.asarray(fixed_grads(1, seed=4)[0]["w"])
+
+  def total(lr):
+    opt = rmsprop_jax.rmsprop(lr)
+    u, _ = opt.update(g, opt.init(params), params)
+    return jnp.sum(u)
+
+  np.testing.assert_allclose(jax.grad(total)(0.2), total(0.2) / 0.2, rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(total)(0.2), jax.jit(jax.grad(total))(0.2), rtol=1e-6)
+
+
 @pytest.mark.parametrize("opts", [{}, dict(centered=True, momentum=0.9)],
                          ids=["plain", "centered with momentum"])
 def test_jit_equals_no_jit(opts):
