@@ -54,13 +54,14 @@ def conv_net_shapes(quick: bool = False) -> list[tuple[int, ...]]:
 
 
 def _tree(shapes, dtype="float32", seed=0):
-  import jax
+  """Standard-normal leaves, drawn with NumPy (jax.random would compile per shape)."""
   import jax.numpy as jnp
+  import numpy as np
 
-  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  rng = np.random.default_rng(seed)
   return {
-      f"p{i:03d}": jax.random.normal(k, s, dtype=jnp.dtype(dtype))
-      for i, (k, s) in enumerate(zip(keys, shapes))
+      f"p{i:03d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype=jnp.dtype(dtype))
+      for i, s in enumerate(shapes)
   }
 
 
