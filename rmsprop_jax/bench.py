@@ -95,14 +95,31 @@ def _make_opt(impl: str):
 # ----------------------------------------------------------------- timing
 
 
-def _median_time(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
+def _median_time(launch: Callable[[], Any], iters: int, warmup: int = 2,
+                 wait: Callable[[Any], Any] | None = None, min_sample_s: float = 2e-3) -> float:
+  """Median seconds per call of ``launch`` (which returns what ``wait`` blocks on).
+
+  Each sample runs enough calls back to back, then waits once, to last at least
+  ``min_sample_s``: a step of microseconds (a GPU) is timed by its throughput,
+  not by the host's launch latency per call. The CPU steps here take longer,
+  so each of their samples is one call.
+  """
+  if wait is None:
+    import jax
+
+    wait = jax.block_until_ready
   for _ in range(warmup):
-    fn()
+    wait(launch())
+  t0 = time.perf_counter()
+  wait(launch())
+  reps = min(1000, max(1, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-9))))
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
+    for _ in range(reps):
+      out = launch()
+    wait(out)
+    times.append((time.perf_counter() - t0) / reps)
   return statistics.median(times)
 
 
@@ -121,7 +138,7 @@ def measure_bandwidth(quick: bool = False) -> float:
 
   def call():
     arrays[0] = triad(arrays[0], arrays[1])
-    arrays[0].block_until_ready()
+    return arrays[0]
 
   t = _median_time(call, 3 if quick else 15)
   return 3 * 4 * n / t
@@ -183,10 +200,10 @@ def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
   if case == "eager_update":
     def call():
       u, _ = opt.update(grads, state, params)
-      jax.block_until_ready(u)
+      return u
 
     t0 = time.perf_counter()
-    call()
+    jax.block_until_ready(call())
     out["first_call_s"] = time.perf_counter() - t0
     out["time_s"] = _median_time(call, iters)
     return out
@@ -218,7 +235,7 @@ def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
 
   def call():
     carry[0], carry[1] = compiled(carry[0], carry[1], grads)
-    jax.block_until_ready(carry)
+    return carry
 
   t = _median_time(call, iters)
   out["time_s"] = t / (length if case == "many_leaves_scan" else 1)
@@ -247,11 +264,7 @@ def _run_torch(shapes, iters) -> dict[str, Any]:
     p.grad = torch.randn_like(p)
   opt = torch.optim.RMSprop(params, lr=1e-3, foreach=True)
 
-  def call():
-    opt.step()
-    sync()
-
-  t = _median_time(call, iters)
+  t = _median_time(opt.step, iters, wait=lambda _: sync())
   return {"time_s": t, "torch_device": device, "threads": torch.get_num_threads()}
 
 
