@@ -327,6 +327,12 @@ def _in_trace(*trees: Any) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
 
 
+def _current_trace() -> Any:
+  from jax._src import core as jax_core
+
+  return jax_core.trace_ctx.trace
+
+
 def _staging(*trees: Any) -> bool:
   """Whether a jit/scan/... trace is building a program around this call.
 
@@ -336,9 +342,7 @@ def _staging(*trees: Any) -> bool:
   under an un-jitted vmap.
   """
   try:
-    from jax._src import core as jax_core
-
-    trace = jax_core.trace_ctx.trace
+    trace = _current_trace()
     while trace is not None:
       if "Jaxpr" in type(trace).__name__:  # DynamicJaxprTrace, JaxprTrace
         return True

@@ -243,6 +243,24 @@ def test_unjitted_vmap_runs_the_cached_program_and_matches_numpy(monkeypatch):
   assert calls == []
 
 
+def test_staging_check_falls_back_to_tracers_if_jax_internals_change(monkeypatch):
+  from rmsprop_jax import transform
+
+  def gone():
+    raise AttributeError("trace_ctx")
+
+  monkeypatch.setattr(transform, "_current_trace", gone)
+  assert not transform._staging(jnp.ones(2), 0.1)
+  jax.vmap(_assert_staging)(jnp.ones(2))  # a tracer: traced inline
+
+
+def _assert_staging(x):
+  from rmsprop_jax import transform
+
+  assert transform._staging(x)
+  return x
+
+
 def test_grad_through_an_unjitted_update_wrt_learning_rate():
   # d/d lr of sum(update) = sum(update) / lr for the plain variant.
   params = jnp.asarray(PARAMS0["w"])
