@@ -375,8 +375,7 @@ def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationE
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    first_leaf = jax.tree.leaves(updates)[:1]
-    update = _update_tree if _staging(first_leaf, state.count, hp) else _update_jit
+    update = _update_tree if _staging(updates, state.count, hp) else _update_jit
     if cfg.weight_decay is None:
       params = None  # unused: not worth passing to the compiled update
     return update(updates, state, params, hp, cfg)
