@@ -15,10 +15,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_NOT_CONCRETE = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError)
+
+
+def _concrete_leaf(x: Any) -> bool:
+  if not isinstance(x, jax.Array):
+    return True
+  try:
+    np.asarray(x)  # raises for a tracer (jit, vmap, grad, ...)
+  except _NOT_CONCRETE:
+    return False
+  return True
+
 
 def is_concrete(value: Any) -> bool:
-  """Whether ``value`` has a value known in Python (not a tracer)."""
-  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value))
+  """Whether every leaf of ``value`` has a value known in Python (no tracer)."""
+  return all(_concrete_leaf(x) for x in jax.tree.leaves(value))
+
+
+def is_known_zero(value: Any) -> bool:
+  """Whether ``value`` is concrete and all zero (a tracer is never known zero)."""
+  return is_concrete(value) and bool(np.all(np.asarray(value) == 0))
+
+
+def has_abstract_leaves(tree: Any) -> bool:
+  """Whether ``tree`` has ``jax.ShapeDtypeStruct`` leaves (shapes, no values)."""
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
 def _show(value: Any) -> str:
@@ -27,13 +49,13 @@ def _show(value: Any) -> str:
 
 
 def check_scalar(
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    high_open: bool = False,
-    allow_none: bool = False,
+  name: str,
+  value: Any,
+  low: float | None = None,
+  high: float | None = None,
+  *,
+  high_open: bool = False,
+  allow_none: bool = False,
 ) -> None:
   """Raise ``ValueError`` unless ``value`` is finite and in ``[low, high]``.
 
@@ -44,8 +66,10 @@ def check_scalar(
       return
     raise ValueError(f"{name} must be a number, got None")
   if callable(value):
-    raise TypeError(f"{name} must be a number or an array, got the callable {value!r}"
-                    " (only the learning rate may be a schedule)")
+    raise TypeError(
+      f"{name} must be a number or an array, got the callable {value!r}"
+      " (only the learning rate and the decay may be schedules)"
+    )
   if not is_concrete(value):
     return
   if isinstance(value, bool):
@@ -53,9 +77,7 @@ def check_scalar(
   try:
     arr = np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError):
-    raise TypeError(
-        f"{name} must be a number or an array of numbers, got {value!r}"
-    ) from None
+    raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}") from None
   if not np.all(np.isfinite(arr)):
     raise ValueError(f"{name} must be finite, got {_show(value)}")
   lo = -math.inf if low is None else low
@@ -71,9 +93,23 @@ def check_scalar(
 
 def check_learning_rate(name: str, value: Any) -> None:
   """A learning rate: a finite number >= 0, an array of them, or a schedule."""
+  check_scalar_or_schedule(name, value, 0.0)
+
+
+def check_scalar_or_schedule(
+  name: str, value: Any, low: float | None = None, high: float | None = None
+) -> None:
+  """:func:`check_scalar`, or for a schedule, its value at step 0.
+
+  A schedule's later values are not known before training; its first one is
+  checked here so that a schedule that starts out of range fails at once.
+  """
   if value is not None and callable(value):
+    first = value(jnp.zeros([], jnp.int32))
+    if is_concrete(first):
+      check_scalar(f"{name}(0)", first, low, high)
     return
-  check_scalar(name, value, 0.0)
+  check_scalar(name, value, low, high)
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -91,27 +127,27 @@ def check_float_params(params: Any, what: str = "params") -> None:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-          f"{what}{_path(path)} has dtype {dtype}; RMSProp needs floating or"
-          " complex parameters (cast it, e.g. with .astype(jnp.float32), or"
-          " mask it out with optax.masked)"
+        f"{what}{_path(path)} has dtype {dtype}; RMSProp needs floating or"
+        " complex parameters (cast it, e.g. with .astype(jnp.float32), or"
+        " mask it out with optax.masked)"
       )
 
 
 def check_same_tree(
-    name: str, tree: Any, ref: Any, ref_name: str, *, is_leaf: Callable | None = None
+  name: str, tree: Any, ref: Any, ref_name: str, *, is_leaf: Callable | None = None
 ) -> None:
   """Raise ``ValueError`` unless ``tree`` has ``ref``'s structure and shapes."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(ref, is_leaf=is_leaf)
   if treedef != ref_def:
     raise ValueError(
-        f"{name} has tree structure {treedef}, but {ref_name} has {ref_def};"
-        " pass a tree with the same structure as the params given to init"
+      f"{name} has tree structure {treedef}, but {ref_name} has {ref_def};"
+      " pass a tree with the same structure as the params given to init"
     )
   for (path, leaf), (_, ref_leaf) in zip(leaves, ref_leaves):
     if jnp.shape(leaf) != jnp.shape(ref_leaf):
       raise ValueError(
-          f"{name}{_path(path)} has shape {jnp.shape(leaf)}, but"
-          f" {ref_name}{_path(path)} has shape {jnp.shape(ref_leaf)};"
-          " shapes must match exactly (no broadcasting)"
+        f"{name}{_path(path)} has shape {jnp.shape(leaf)}, but"
+        f" {ref_name}{_path(path)} has shape {jnp.shape(ref_leaf)};"
+        " shapes must match exactly (no broadcasting)"
       )

@@ -5,34 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
 from rmsprop_jax import _checks
 from rmsprop_jax.transform import (
-    WEIGHT_DECAY_MODES,
-    Config,
-    fused_rmsprop,
-    make_hyperparams,
+  WEIGHT_DECAY_MODES,
+  Config,
+  Hyperparams,
+  fused_rmsprop,
 )
 
 
 def rmsprop(
-    learning_rate: optax.ScalarOrSchedule,
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
-    *,
-    eps_in_sqrt: bool = True,
-    initial_scale: jax.typing.ArrayLike = 0.0,
-    centered: bool = False,
-    momentum: jax.typing.ArrayLike | None = None,
-    nesterov: bool = False,
-    bias_correction: bool = False,
-    nu_dtype: Any = None,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    weight_decay_mode: str = "coupled",
-    maximize: bool = False,
-    lr_inside_momentum: bool = True,
+  learning_rate: optax.ScalarOrSchedule,
+  decay: optax.ScalarOrSchedule = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  eps_in_sqrt: bool = True,
+  initial_scale: jax.typing.ArrayLike = 0.0,
+  centered: bool = False,
+  momentum: jax.typing.ArrayLike | None = None,
+  nesterov: bool = False,
+  bias_correction: bool = False,
+  nu_dtype: Any = None,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  weight_decay_mode: str = "coupled",
+  maximize: bool = False,
+  lr_inside_momentum: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSProp: gradient descent scaled by a running RMS of the gradients.
 
@@ -61,7 +60,9 @@ def rmsprop(
   Args:
     learning_rate: :math:`\eta`, a float >= 0, a scalar array, or a schedule
       ``count -> lr`` called with the number of steps taken before this one.
-    decay: :math:`\rho` in [0, 1], the EMA decay of the squared gradients.
+    decay: :math:`\rho` in [0, 1], the EMA decay of the squared gradients,
+      or a schedule ``count -> decay`` called like the learning rate's (a
+      rising decay, say, for seed texts' "adaptive gamma").
     eps: :math:`\epsilon` >= 0. With ``eps=0`` a zero denominator (a zero
       gradient from a zero state) gives a zero update instead of NaN.
     eps_in_sqrt: add ``eps`` inside the square root (optax, Keras, TF1); False
@@ -72,7 +73,8 @@ def rmsprop(
     momentum: :math:`\beta` in [0, 1), or None for no momentum buffer.
     nesterov: Nesterov momentum (needs ``momentum``).
     bias_correction: divide :math:`\nu` (and :math:`\mu`) by
-      :math:`1-\rho^t`.
+      :math:`1-\rho^t`. Needs a constant ``decay``: with a decay schedule it
+      is refused with a ``ValueError``.
     nu_dtype: storage dtype of :math:`\nu`, e.g. ``jnp.bfloat16`` to halve its
       memory and traffic; arithmetic stays in float32 or wider, and each step
       divides by the stored (rounded) :math:`\nu`. None: the params' dtype.
@@ -111,7 +113,7 @@ def rmsprop(
     :func:`rmsprop_jax.presets.pytorch`).
   """
   _checks.check_learning_rate("learning_rate", learning_rate)
-  _checks.check_scalar("decay", decay, 0.0, 1.0)
+  _checks.check_scalar_or_schedule("decay", decay, 0.0, 1.0)
   _checks.check_scalar("eps", eps, 0.0)
   _checks.check_scalar("initial_scale", initial_scale, 0.0)
   _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True, allow_none=True)
@@ -119,30 +121,24 @@ def rmsprop(
   _checks.check_choice("weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES)
   if nesterov and momentum is None:
     raise ValueError("nesterov=True needs a momentum value, got momentum=None")
-  use_wd = not (_checks.is_concrete(weight_decay) and _is_zero(weight_decay))
-  schedule = learning_rate if callable(learning_rate) else None
+  use_wd = not _checks.is_known_zero(weight_decay)
   cfg = Config(
-      eps_in_sqrt=eps_in_sqrt,
-      centered=centered,
-      bias_correction=bias_correction,
-      nu_dtype=nu_dtype,
-      momentum=momentum is not None,
-      nesterov=nesterov,
-      schedule=schedule,
-      lr_inside_momentum=lr_inside_momentum,
-      weight_decay=weight_decay_mode if use_wd else None,
-      maximize=maximize,
+    eps_in_sqrt=eps_in_sqrt,
+    centered=centered,
+    bias_correction=bias_correction,
+    nu_dtype=nu_dtype,
+    momentum=momentum is not None,
+    nesterov=nesterov,
+    lr_inside_momentum=lr_inside_momentum,
+    weight_decay=weight_decay_mode if use_wd else None,
+    maximize=maximize,
   )
-  hp = make_hyperparams(
-      learning_rate=None if schedule else learning_rate,
-      decay=decay,
-      eps=eps,
-      momentum=momentum,
-      weight_decay=weight_decay if use_wd else None,
-      initial_scale=initial_scale,
+  hp = Hyperparams(
+    learning_rate=learning_rate,
+    decay=decay,
+    eps=eps,
+    momentum=momentum,
+    weight_decay=weight_decay if use_wd else None,
+    initial_scale=initial_scale,
   )
   return fused_rmsprop(cfg, hp)
-
-
-def _is_zero(x: Any) -> bool:
-  return bool(np.all(np.asarray(x) == 0))

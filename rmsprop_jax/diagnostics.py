@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from rmsprop_jax.transform import RMSPropState
+from rmsprop_jax import _checks
+from rmsprop_jax.transform import (
+  Config,
+  Hyperparams,
+  RMSPropState,
+  last_step_size,
+  settings_of,
+)
+
+_UNSET: Any = object()
 
 
 def find_state(state: Any) -> RMSPropState:
@@ -27,43 +35,51 @@ def find_state(state: Any) -> RMSPropState:
     >>> import jax.numpy as jnp, optax
     >>> import rmsprop_jax
     >>> opt = optax.chain(optax.clip(1.0), rmsprop_jax.rmsprop(0.1))
-    >>> rmsprop_jax.diagnostics.find_state(opt.init(jnp.zeros(2))).nu
-    Array([0., 0.], dtype=float32)
+    >>> print(rmsprop_jax.diagnostics.find_state(opt.init(jnp.zeros(2))).nu)
+    [0. 0.]
   """
   is_ours = lambda x: isinstance(x, RMSPropState)
   found = [s for s in jax.tree.leaves(state, is_leaf=is_ours) if is_ours(s)]
   if len(found) != 1:
-    raise ValueError(
-        f"state must contain exactly one RMSPropState, found {len(found)}"
-    )
+    raise ValueError(f"state must contain exactly one RMSPropState, found {len(found)}")
   return found[0]
 
 
 def effective_learning_rate(
-    state: Any,
-    learning_rate: optax.ScalarOrSchedule,
-    eps: jax.typing.ArrayLike = 1e-8,
-    *,
-    eps_in_sqrt: bool = True,
+  state: Any,
+  opt: Any,
+  eps: jax.typing.ArrayLike = _UNSET,
+  *,
+  eps_in_sqrt: bool = _UNSET,
 ) -> optax.Updates:
   r"""The per-parameter step size of the last update, ``lr / sqrt(nu + eps)``.
 
   .. math::
 
-    \eta^{\text{eff}}_t = \frac{\eta_t}{\sqrt{\nu_t - \mu_t^2 + \epsilon}}
-    \quad\text{or}\quad \frac{\eta_t}{\sqrt{\nu_t - \mu_t^2} + \epsilon}
+    \eta^{\text{eff}}_t = \frac{\eta_t}{\sqrt{\hat\nu_t - |\hat\mu_t|^2 + \epsilon}}
+    \quad\text{or}\quad \frac{\eta_t}{\sqrt{\hat\nu_t - |\hat\mu_t|^2} + \epsilon}
 
-  (:math:`\mu_t = 0` unless the state is centered.) The last update was
-  ``-effective_learning_rate * g`` for plain RMSProp without momentum; this is
-  the "Effective LR" column of tutorial tables, and the quantity whose decay
-  to zero distinguishes AdaGrad from RMSProp.
+  (:math:`\hat\mu_t = 0` unless the state is centered; hats mark bias
+  correction when the optimizer uses it.) The last update was
+  ``-effective_learning_rate * g`` for RMSProp without momentum or weight
+  decay; this is the "Effective LR" column of tutorial tables, and the quantity
+  whose decay to zero distinguishes AdaGrad from RMSProp.
+
+  Pass the optimizer itself (built by :func:`rmsprop_jax.rmsprop`,
+  :func:`rmsprop_jax.scale_by_rms` or a preset): its learning rate or
+  schedule, eps and its placement, bias correction and zero-denominator rule
+  are then the update's own, so the two cannot disagree. For
+  :func:`~rmsprop_jax.scale_by_rms` (no learning rate) it is the scale
+  ``1 / sqrt(nu + eps)``. The older form ``effective_learning_rate(state,
+  learning_rate, eps=1e-8, *, eps_in_sqrt=True)`` still works.
 
   Args:
     state: an :class:`RMSPropState`, or any optimizer state containing one.
-    learning_rate: the float used, or the schedule (evaluated at the count of
-      the last step, ``count - 1``).
-    eps: the eps used.
-    eps_in_sqrt: whether eps was inside the root (as for the optimizer).
+    opt: the optimizer that produced ``state``; or a learning rate (float or
+      schedule, evaluated at the count of the last step, ``count - 1``).
+    eps: only with a learning rate: the eps used (default 1e-8).
+    eps_in_sqrt: only with a learning rate: whether eps was inside the root
+      (default True).
 
   Returns:
     A tree like the params with the effective learning rate of each entry.
@@ -73,22 +89,30 @@ def effective_learning_rate(
     >>> import rmsprop_jax
     >>> opt = rmsprop_jax.rmsprop(0.1, decay=0.9, eps=0.0)
     >>> _, state = opt.update(jnp.array([8.0]), opt.init(jnp.array([4.0])))
-    >>> rmsprop_jax.effective_learning_rate(state, 0.1, eps=0.0)  # 0.1/sqrt(6.4)
-    Array([0.03952847], dtype=float32)
+    >>> print(rmsprop_jax.effective_learning_rate(state, opt).round(6))  # 0.1/sqrt(6.4)
+    [0.039528]
   """
   st = find_state(state)
-  lr = learning_rate
-  if callable(learning_rate):
-    lr = learning_rate(jnp.maximum(st.count - 1, 0))
-
-  def one(nu, mu=None):
-    var = nu.astype(jnp.promote_types(nu.dtype, jnp.float32))
-    if mu is not None:
-      var = jnp.maximum(var - jnp.abs(mu) ** 2, 0)
-    if eps_in_sqrt:
-      return lr / jnp.sqrt(var + eps)
-    return lr / (jnp.sqrt(var) + eps)
-
-  if st.mu is None:
-    return jax.tree.map(one, st.nu)
-  return jax.tree.map(one, st.nu, st.mu)
+  settings = settings_of(opt)
+  if settings is not None:
+    if eps is not _UNSET or eps_in_sqrt is not _UNSET:
+      raise TypeError(
+        "effective_learning_rate(state, opt) takes eps and eps_in_sqrt from opt;"
+        " pass them only with a learning rate"
+      )
+    cfg, hp = settings
+    return last_step_size(st, cfg, hp)
+  if isinstance(opt, optax.GradientTransformation):
+    raise TypeError(
+      "effective_learning_rate needs an optimizer built by rmsprop_jax (rmsprop,"
+      " scale_by_rms or a preset), or a learning rate; got another transformation"
+    )
+  _checks.check_learning_rate("learning_rate", opt)
+  eps = 1e-8 if eps is _UNSET else eps
+  _checks.check_scalar("eps", eps, 0.0)
+  cfg = Config(
+    eps_in_sqrt=True if eps_in_sqrt is _UNSET else eps_in_sqrt,
+    centered=st.mu is not None,
+    safe_divide=True,
+  )
+  return last_step_size(st, cfg, Hyperparams(learning_rate=opt, eps=eps))

@@ -22,34 +22,32 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax as _optax
 
 from rmsprop_jax import _checks
 from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.transform import register_settings, settings_of
 
 __all__ = ["keras", "optax", "pytorch", "tf1"]
 
 
 def _momentum_or_none(momentum: Any) -> Any:
   """Frameworks keep no buffer for momentum == 0; neither do we."""
-  if _checks.is_concrete(momentum) and np.all(np.asarray(momentum) == 0):
-    return None
-  return momentum
+  return None if _checks.is_known_zero(momentum) else momentum
 
 
 def pytorch(
-    lr: _optax.ScalarOrSchedule = 0.01,
-    alpha: jax.typing.ArrayLike = 0.99,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: jax.typing.ArrayLike = 0,
-    momentum: jax.typing.ArrayLike = 0,
-    centered: bool = False,
-    maximize: bool = False,
-    *,
-    capturable: bool = False,
-    foreach: bool | None = None,
-    differentiable: bool = False,
+  lr: _optax.ScalarOrSchedule = 0.01,
+  alpha: _optax.ScalarOrSchedule = 0.99,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 0,
+  momentum: jax.typing.ArrayLike = 0,
+  centered: bool = False,
+  maximize: bool = False,
+  *,
+  capturable: bool = False,
+  foreach: bool | None = None,
+  differentiable: bool = False,
 ) -> _optax.GradientTransformationExtraArgs:
   r"""``torch.optim.RMSprop``, same names, defaults and update order.
 
@@ -67,7 +65,7 @@ def pytorch(
     lr: learning rate, a float or a schedule ``step -> lr``; because it
       multiplies the momentum buffer's output, a schedule behaves like a torch
       LR scheduler stepped once per optimizer step.
-    alpha: smoothing constant in [0, 1].
+    alpha: smoothing constant in [0, 1], or a schedule ``step -> alpha``.
     eps: added outside the square root, >= 0.
     weight_decay: L2 penalty added to the gradient (coupled), >= 0.
     momentum: momentum factor in [0, 1); 0 keeps no buffer.
@@ -89,43 +87,43 @@ def pytorch(
     >>> opt = presets.pytorch(lr=0.01, alpha=0.9)
     >>> params = jnp.array([1.0, -2.0])
     >>> updates, _ = opt.update(jnp.array([0.5, 0.5]), opt.init(params), params)
-    >>> updates  # -lr * g / (sqrt(0.1 g^2) + eps)
-    Array([-0.03162277, -0.03162277], dtype=float32)
+    >>> print(updates.round(6))  # -lr * g / (sqrt(0.1 g^2) + eps)
+    [-0.031623 -0.031623]
 
   References:
     https://pytorch.org/docs/stable/generated/torch.optim.RMSprop.html
   """
   _checks.check_learning_rate("lr", lr)
-  _checks.check_scalar("alpha", alpha, 0.0, 1.0)
+  _checks.check_scalar_or_schedule("alpha", alpha, 0.0, 1.0)
   _checks.check_scalar("eps", eps, 0.0)
   _checks.check_scalar("weight_decay", weight_decay, 0.0)
   _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
   del capturable, foreach, differentiable  # torch kernel choices, same numbers
   return rmsprop(
-      lr,
-      decay=alpha,
-      eps=eps,
-      eps_in_sqrt=False,
-      centered=centered,
-      momentum=_momentum_or_none(momentum),
-      weight_decay=weight_decay,
-      weight_decay_mode="coupled",
-      maximize=maximize,
-      lr_inside_momentum=False,
+    lr,
+    decay=alpha,
+    eps=eps,
+    eps_in_sqrt=False,
+    centered=centered,
+    momentum=_momentum_or_none(momentum),
+    weight_decay=weight_decay,
+    weight_decay_mode="coupled",
+    maximize=maximize,
+    lr_inside_momentum=False,
   )
 
 
 def keras(
-    learning_rate: _optax.ScalarOrSchedule = 0.001,
-    rho: jax.typing.ArrayLike = 0.9,
-    momentum: jax.typing.ArrayLike = 0.0,
-    epsilon: jax.typing.ArrayLike = 1e-7,
-    centered: bool = False,
-    weight_decay: jax.typing.ArrayLike | None = None,
-    clipnorm: float | None = None,
-    clipvalue: float | None = None,
-    global_clipnorm: float | None = None,
-    name: str = "rmsprop",
+  learning_rate: _optax.ScalarOrSchedule = 0.001,
+  rho: _optax.ScalarOrSchedule = 0.9,
+  momentum: jax.typing.ArrayLike = 0.0,
+  epsilon: jax.typing.ArrayLike = 1e-7,
+  centered: bool = False,
+  weight_decay: jax.typing.ArrayLike | None = None,
+  clipnorm: float | None = None,
+  clipvalue: float | None = None,
+  global_clipnorm: float | None = None,
+  name: str = "rmsprop",
 ) -> _optax.GradientTransformationExtraArgs:
   r"""Keras 3 ``keras.optimizers.RMSprop``, same names, defaults and order.
 
@@ -138,7 +136,8 @@ def keras(
 
   Args:
     learning_rate: a float or a schedule of the iteration count.
-    rho: discounting factor for the gradient history, in [0, 1].
+    rho: discounting factor for the gradient history, in [0, 1], or a
+      schedule of the iteration count.
     momentum: in [0, 1); 0 keeps no buffer. The learning rate sits inside
       the buffer.
     epsilon: added inside the square root, >= 0.
@@ -162,40 +161,47 @@ def keras(
     >>> from rmsprop_jax import presets
     >>> opt = presets.keras(learning_rate=0.1)
     >>> p = jnp.zeros(1)
-    >>> opt.update(jnp.ones(1), opt.init(p), p)[0]  # -0.1 / sqrt(0.1 + 1e-7)
-    Array([-0.3162276], dtype=float32)
+    >>> print(opt.update(jnp.ones(1), opt.init(p), p)[0].round(6))  # -0.1/sqrt(0.1+1e-7)
+    [-0.316228]
 
   References:
     https://keras.io/api/optimizers/rmsprop/
   """
   _checks.check_learning_rate("learning_rate", learning_rate)
-  _checks.check_scalar("rho", rho, 0.0, 1.0)
+  _checks.check_scalar_or_schedule("rho", rho, 0.0, 1.0)
   _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
   _checks.check_scalar("epsilon", epsilon, 0.0)
   _checks.check_scalar("weight_decay", weight_decay, 0.0, allow_none=True)
   del name
   core = rmsprop(
-      learning_rate,
-      decay=rho,
-      eps=epsilon,
-      eps_in_sqrt=True,
-      centered=centered,
-      momentum=_momentum_or_none(momentum),
-      weight_decay=0.0 if weight_decay is None else weight_decay,
-      weight_decay_mode="decoupled",
+    learning_rate,
+    decay=rho,
+    eps=epsilon,
+    eps_in_sqrt=True,
+    centered=centered,
+    momentum=_momentum_or_none(momentum),
+    weight_decay=0.0 if weight_decay is None else weight_decay,
+    weight_decay_mode="decoupled",
   )
   clip = _keras_clip(clipnorm, clipvalue, global_clipnorm)
-  return core if clip is None else _optax.chain(clip, core)
+  if clip is None:
+    return core
+  chained = _optax.chain(clip, core)
+  register_settings(chained, settings_of(core))  # for effective_learning_rate
+  return chained
 
 
 def _keras_clip(clipnorm, clipvalue, global_clipnorm):
   """Keras 3's gradient clipping (``BaseOptimizer._clip_gradients``)."""
-  given = {k: v for k, v in (("clipnorm", clipnorm), ("clipvalue", clipvalue),
-                             ("global_clipnorm", global_clipnorm)) if v is not None}
+  given = {
+    k: v
+    for k, v in (("clipnorm", clipnorm), ("clipvalue", clipvalue), ("global_clipnorm", global_clipnorm))
+    if v is not None
+  }
   if len(given) > 1:
     raise ValueError(
-        "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
-        + ", ".join(f"{k}={v}" for k, v in given.items())
+      "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
+      + ", ".join(f"{k}={v}" for k, v in given.items())
     )
   for k, v in given.items():
     _checks.check_scalar(k, v, 0.0)
@@ -222,11 +228,11 @@ def _keras_clip(clipnorm, clipvalue, global_clipnorm):
 
 
 def tf1(
-    learning_rate: _optax.ScalarOrSchedule,
-    decay: jax.typing.ArrayLike = 0.9,
-    momentum: jax.typing.ArrayLike = 0.0,
-    epsilon: jax.typing.ArrayLike = 1e-10,
-    centered: bool = False,
+  learning_rate: _optax.ScalarOrSchedule,
+  decay: _optax.ScalarOrSchedule = 0.9,
+  momentum: jax.typing.ArrayLike = 0.0,
+  epsilon: jax.typing.ArrayLike = 1e-10,
+  centered: bool = False,
 ) -> _optax.GradientTransformationExtraArgs:
   r"""TF1 ``tf.compat.v1.train.RMSPropOptimizer``.
 
@@ -238,7 +244,7 @@ def tf1(
 
   Args:
     learning_rate: a float or a schedule of the step count.
-    decay: discounting factor for the history, in [0, 1].
+    decay: discounting factor for the history, in [0, 1], or a schedule.
     momentum: in [0, 1); 0 keeps no buffer.
     epsilon: added inside the square root, >= 0.
     centered: subtract the squared mean gradient ``mg**2`` under the root.
@@ -251,37 +257,37 @@ def tf1(
     >>> from rmsprop_jax import presets
     >>> opt = presets.tf1(learning_rate=0.1)
     >>> p = jnp.zeros(1)
-    >>> opt.update(jnp.ones(1), opt.init(p), p)[0]  # ms = 0.9 + 0.1 = 1
-    Array([-0.1], dtype=float32)
+    >>> print(opt.update(jnp.ones(1), opt.init(p), p)[0].round(6))  # ms = 0.9 + 0.1 = 1
+    [-0.1]
 
   References:
     https://www.tensorflow.org/api_docs/python/tf/compat/v1/train/RMSPropOptimizer
   """
   _checks.check_learning_rate("learning_rate", learning_rate)
-  _checks.check_scalar("decay", decay, 0.0, 1.0)
+  _checks.check_scalar_or_schedule("decay", decay, 0.0, 1.0)
   _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
   _checks.check_scalar("epsilon", epsilon, 0.0)
   return rmsprop(
-      learning_rate,
-      decay=decay,
-      eps=epsilon,
-      eps_in_sqrt=True,
-      initial_scale=1.0,
-      centered=centered,
-      momentum=_momentum_or_none(momentum),
+    learning_rate,
+    decay=decay,
+    eps=epsilon,
+    eps_in_sqrt=True,
+    initial_scale=1.0,
+    centered=centered,
+    momentum=_momentum_or_none(momentum),
   )
 
 
 def optax(
-    learning_rate: _optax.ScalarOrSchedule,
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
-    initial_scale: jax.typing.ArrayLike = 0.0,
-    eps_in_sqrt: bool = True,
-    centered: bool = False,
-    momentum: jax.typing.ArrayLike | None = None,
-    nesterov: bool = False,
-    bias_correction: bool = False,
+  learning_rate: _optax.ScalarOrSchedule,
+  decay: _optax.ScalarOrSchedule = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
+  initial_scale: jax.typing.ArrayLike = 0.0,
+  eps_in_sqrt: bool = True,
+  centered: bool = False,
+  momentum: jax.typing.ArrayLike | None = None,
+  nesterov: bool = False,
+  bias_correction: bool = False,
 ) -> _optax.GradientTransformationExtraArgs:
   """``optax.rmsprop``, with its positional signature.
 
@@ -290,7 +296,7 @@ def optax(
 
   Args:
     learning_rate: a float, scalar array or schedule.
-    decay: EMA decay in [0, 1].
+    decay: EMA decay in [0, 1], or a schedule.
     eps: >= 0, inside the root unless ``eps_in_sqrt=False``.
     initial_scale: initial second moment, >= 0.
     eps_in_sqrt: where ``eps`` goes.
@@ -306,20 +312,20 @@ def optax(
     >>> import jax.numpy as jnp
     >>> from rmsprop_jax import presets
     >>> opt = presets.optax(0.1, 0.9, 0.0)
-    >>> opt.update(jnp.ones(1), opt.init(jnp.zeros(1)))[0]
-    Array([-0.31622776], dtype=float32)
+    >>> print(opt.update(jnp.ones(1), opt.init(jnp.zeros(1)))[0].round(6))
+    [-0.316228]
 
   References:
     https://optax.readthedocs.io/en/latest/api/optimizers.html#optax.rmsprop
   """
   return rmsprop(
-      learning_rate,
-      decay,
-      eps,
-      initial_scale=initial_scale,
-      eps_in_sqrt=eps_in_sqrt,
-      centered=centered,
-      momentum=momentum,
-      nesterov=nesterov,
-      bias_correction=bias_correction,
+    learning_rate,
+    decay,
+    eps,
+    initial_scale=initial_scale,
+    eps_in_sqrt=eps_in_sqrt,
+    centered=centered,
+    momentum=momentum,
+    nesterov=nesterov,
+    bias_correction=bias_correction,
   )

@@ -1,10 +1,11 @@
 """The core: RMSProp's state, its per-leaf steps, and the fused update.
 
 Everything RMSProp-like in this package is one transformation, built here by
-:func:`fused_rmsprop` from a static :class:`Config` (which steps run, in which
-order) and dynamic :class:`Hyperparams` (numbers that may be arrays or
-tracers). It computes, per leaf and in this order, the same chain as optax's
-``chain(scale_by_rms | scale_by_stddev, scale_by_learning_rate, trace)``:
+:func:`fused_rmsprop` from a static :class:`Config` (hashable flags: which
+steps run, in which order) and :class:`Hyperparams` (the user's numbers, which
+may be floats, arrays, tracers or schedules). It computes, per leaf and in this
+order, the same chain as optax's ``chain(scale_by_rms | scale_by_stddev,
+scale_by_learning_rate, trace)``:
 
 1. ``_direction``: the gradient RMSProp sees (maximize, coupled weight decay);
 2. ``_ema``: the second moment ``nu`` (and the first moment ``mu`` if centered);
@@ -12,15 +13,18 @@ tracers). It computes, per leaf and in this order, the same chain as optax's
 4. ``_momentum`` and the learning rate, in either order;
 5. decoupled weight decay.
 
-Outside a user's ``jit`` (including under an un-jitted ``vmap`` or ``grad``)
-the whole tree update is a single cached XLA call instead of hundreds of
-op-by-op dispatches; inside one it is traced inline (with ``lax`` primitives,
-cheap to trace) and fuses into elementwise loops per leaf.
+Each update first evaluates this step's numbers (:func:`step_scalars`: the
+schedules, ``1 - decay``, the bias correction) and then runs the tree update
+(:func:`_update_tree`) as ``jax.jit(..., inline=True)``: called eagerly, and
+under an un-jitted ``vmap`` or ``grad``, it is one cached XLA program (the
+numbers are its arguments, so new values and new schedule objects reuse it);
+inside a user's ``jit`` or ``scan`` it is inlined into the caller's program.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -54,16 +58,20 @@ class RMSPropState(NamedTuple):
 
 
 class Config(NamedTuple):
-  """Static options of the fused update: which steps run and in which order."""
+  """Static options of the fused update: hashable flags that select its steps.
+
+  It is the static part of the compiled update's cache key, so it holds no
+  numbers and no callables: optimizers with equal flags share one compiled
+  program whatever their hyperparameters and schedules.
+  """
 
   eps_in_sqrt: bool = True
   centered: bool = False
   bias_correction: bool = False
-  nu_dtype: Any = None
+  nu_dtype: np.dtype | None = None
   momentum: bool = False
   nesterov: bool = False
   scale_by_learning_rate: bool = True
-  schedule: Callable[[chex.Numeric], chex.Numeric] | None = None
   lr_inside_momentum: bool = True
   weight_decay: str | None = None
   maximize: bool = False
@@ -71,26 +79,66 @@ class Config(NamedTuple):
 
 
 class Hyperparams(NamedTuple):
-  """Numeric hyperparameters: Python floats, arrays or tracers."""
+  """The user's numbers: floats, arrays or tracers.
+
+  ``learning_rate`` and ``decay`` may also be schedules ``count -> value``.
+  """
 
   learning_rate: Any = None
   decay: Any = 0.9
-  one_minus_decay: Any = 0.1
   eps: Any = 1e-8
   momentum: Any = None
   weight_decay: Any = None
   initial_scale: Any = 0.0
 
 
-def make_hyperparams(**kwargs: Any) -> Hyperparams:
-  """Builds :class:`Hyperparams`, computing ``1 - decay`` once, up front.
+class StepScalars(NamedTuple):
+  """One step's numbers: arguments, not constants, of the compiled update.
 
-  For a Python float ``decay`` this is done in float64, as optax, PyTorch and
-  Keras do, so the float32 factor is ``f32(1 - decay)``, not the less exact
-  ``1 - f32(decay)``.
+  None where the configuration does not use them.
   """
-  decay = kwargs.get("decay", 0.9)
-  return Hyperparams(one_minus_decay=1 - decay, **kwargs)
+
+  decay: Any
+  one_minus_decay: Any
+  eps: Any
+  momentum: Any
+  weight_decay: Any
+  neg_lr: Any
+  decoupled_wd: Any
+  bias_corr: Any
+
+
+def _value_at(value: Any, count: chex.Array) -> Any:
+  """``value(count)`` for a schedule, else ``value``."""
+  return value(count) if callable(value) else value
+
+
+def step_scalars(hp: Hyperparams, count: chex.Array, cfg: Config) -> StepScalars:
+  """Evaluates one step's numbers from ``hp`` and the steps taken before it.
+
+  Schedules are called with ``count``, the number of steps taken before this
+  one, as optax does. ``1 - decay`` of a Python float is formed in float64, as
+  optax, PyTorch and Keras do, so its float32 value is ``f32(1 - decay)``, not
+  the less exact ``1 - f32(decay)``.
+  """
+  decay = _value_at(hp.decay, count)
+  neg_lr = decoupled_wd = None
+  if cfg.scale_by_learning_rate:
+    lr = _value_at(hp.learning_rate, count)
+    neg_lr = -lr  # the learning rate is negated once, here
+    if cfg.weight_decay == "decoupled":
+      decoupled_wd = lr * hp.weight_decay
+  return StepScalars(
+    decay=decay,
+    one_minus_decay=1 - decay,
+    eps=hp.eps,
+    momentum=hp.momentum if cfg.momentum else None,
+    weight_decay=hp.weight_decay if cfg.weight_decay == "coupled" else None,
+    neg_lr=neg_lr,
+    decoupled_wd=decoupled_wd,
+    # A constant decay only: fused_rmsprop refuses decay schedules with it.
+    bias_corr=1 - decay ** optax.safe_increment(count) if cfg.bias_correction else None,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -101,18 +149,22 @@ def make_hyperparams(**kwargs: Any) -> Hyperparams:
 
 
 class _Consts(NamedTuple):
-  """The update's scalars, converted once per dtype (None where unused)."""
+  """A step's scalars as 0-d arrays of one dtype (None where unused)."""
 
-  decay: Any
-  one_minus_decay: Any
-  eps: Any
-  momentum: Any
-  weight_decay: Any
-  neg_lr: Any
-  decoupled_wd: Any
-  bias_corr: Any
-  zero: Any
-  one: Any
+  s: StepScalars
+  zero: jax.Array
+  one: jax.Array
+
+
+def _consts_factory(scalars: StepScalars) -> Callable[[Any], _Consts]:
+  """``dtype -> _Consts``, converting each scalar once per dtype."""
+
+  @functools.cache
+  def consts(dtype: Any) -> _Consts:
+    conv = lambda v: None if v is None else lax.convert_element_type(v, dtype)
+    return _Consts(StepScalars(*map(conv, scalars)), conv(0.0), conv(1.0))
+
+  return consts
 
 
 def _compute_dtype(dtype: Any) -> Any:
@@ -136,50 +188,67 @@ def _abs_sq(x: jax.Array) -> jax.Array:
   return lax.mul(x, x)
 
 
-def _direction(g, p, c: _Consts, cfg: Config):
+def _direction(g: jax.Array, p: jax.Array | None, c: _Consts, cfg: Config) -> jax.Array:
   """The gradient the moments see: ``-g`` if maximizing, plus ``wd * p``."""
   if cfg.maximize:
     g = lax.neg(g)
   if cfg.weight_decay == "coupled":
-    g = lax.add(g, lax.mul(c.weight_decay, _cast(p, g.dtype)))
+    g = lax.add(g, lax.mul(c.s.weight_decay, _cast(p, g.dtype)))
   return g
 
 
-def _ema(moment, x, c: _Consts):
+def _ema(moment: jax.Array, x: jax.Array, c: _Consts) -> jax.Array:
   """``decay * moment + (1 - decay) * x``, in optax's operand order."""
-  return lax.add(lax.mul(c.one_minus_decay, x), lax.mul(c.decay, moment))
+  return lax.add(lax.mul(c.s.one_minus_decay, x), lax.mul(c.s.decay, moment))
 
 
-def _debias(moment, c: _Consts):
-  return moment if c.bias_corr is None else lax.div(moment, c.bias_corr)
+def _debias(moment: jax.Array, c: _Consts) -> jax.Array:
+  return moment if c.s.bias_corr is None else lax.div(moment, c.s.bias_corr)
 
 
-def _rms_scale(nu_hat, mu_hat, r: _Consts, cfg: Config):
+def _rms_scale(nu_hat: jax.Array, mu_hat: jax.Array | None, r: _Consts, cfg: Config) -> jax.Array:
   """The preconditioner ``1 / sqrt(nu - |mu|^2 + eps)`` (or eps outside)."""
   var = nu_hat
   if mu_hat is not None:
     # The variance is >= 0 in exact arithmetic; rounding may push it below.
     var = lax.max(lax.sub(nu_hat, _abs_sq(mu_hat)), r.zero)
   if cfg.eps_in_sqrt:
-    denom = lax.add(var, r.eps)
+    denom = lax.add(var, r.s.eps)
     scale = lax.rsqrt(denom)
   else:
-    denom = lax.add(lax.sqrt(var), r.eps)
+    denom = lax.add(lax.sqrt(var), r.s.eps)
     scale = lax.div(r.one, denom)
   if cfg.safe_divide:  # eps may be 0: a zero denominator scales by 0, not inf
     scale = lax.select(lax.gt(denom, lax.full_like(denom, 0)), scale, lax.full_like(scale, 0))
   return scale
 
 
-def _momentum(u, trace, c: _Consts, cfg: Config):
+def _momentum(u: jax.Array, trace: jax.Array, c: _Consts, cfg: Config) -> tuple[jax.Array, jax.Array]:
   """Heavy-ball (or Nesterov) momentum: ``trace = u + momentum * trace``."""
-  trace = lax.add(u, lax.mul(c.momentum, trace))
-  out = lax.add(u, lax.mul(c.momentum, trace)) if cfg.nesterov else trace
+  trace = lax.add(u, lax.mul(c.s.momentum, trace))
+  out = lax.add(u, lax.mul(c.s.momentum, trace)) if cfg.nesterov else trace
   return out, trace
 
 
-def _leaf_update(g, p, nu, mu, trace, consts: Callable[[Any], _Consts], cfg: Config):
-  """One leaf of the fused update; returns ``(update, nu, mu, trace)``.
+class _Leaf(NamedTuple):
+  """One leaf's update and new moments (in compute dtype; None if unused)."""
+
+  update: jax.Array
+  nu: jax.Array
+  mu: jax.Array | None
+  trace: jax.Array | None
+
+
+def _leaf_update(
+  g: jax.Array,
+  p: jax.Array | None,
+  nu: jax.Array,
+  mu: jax.Array | None,
+  trace: jax.Array | None,
+  consts: Callable[[Any], _Consts],
+  cfg: Config,
+) -> _Leaf:
+  """One leaf of the fused update.
 
   When ``nu`` is stored narrower than it is computed (``nu_dtype=bfloat16``,
   or bfloat16 params), the step divides by the *stored*, rounded value: the
@@ -202,196 +271,194 @@ def _leaf_update(g, p, nu, mu, trace, consts: Callable[[Any], _Consts], cfg: Con
   u = lax.mul(_cast(_rms_scale(_debias(nu, r), mu_hat, r, cfg), cdt), g)
   if cfg.scale_by_learning_rate:
     if not cfg.momentum:
-      u = lax.mul(c.neg_lr, u)
+      u = lax.mul(c.s.neg_lr, u)
     elif cfg.lr_inside_momentum:  # optax, Keras, TF1
-      u, trace = _momentum(lax.mul(c.neg_lr, u), _cast(trace, cdt), c, cfg)
+      u, trace = _momentum(lax.mul(c.s.neg_lr, u), _cast(trace, cdt), c, cfg)
     else:  # PyTorch: the buffer holds unscaled steps
       u, trace = _momentum(u, _cast(trace, cdt), c, cfg)
-      u = lax.mul(c.neg_lr, u)
+      u = lax.mul(c.s.neg_lr, u)
     if cfg.weight_decay == "decoupled":
-      u = lax.sub(u, lax.mul(c.decoupled_wd, _cast(p, cdt)))
-  return _cast(u, out_dtype), nu, mu, trace
+      u = lax.sub(u, lax.mul(c.s.decoupled_wd, _cast(p, cdt)))
+  return _Leaf(_cast(u, out_dtype), nu, mu, trace)
 
 
 # ---------------------------------------------------------------------------
-# Tree level: the whole update and init as single functions of whole trees.
+# Tree level: checks, one map over the leaves, and the new state.
 # ---------------------------------------------------------------------------
 
 
-def _update_tree(updates, state: RMSPropState, params, hp: Hyperparams, cfg: Config):
-  """Applies :func:`_leaf_update` to every leaf; checks shapes at trace time."""
+def _check_trees(updates: Any, state: RMSPropState, params: Any, cfg: Config) -> None:
+  """Structure and shape checks; they run when the update is traced."""
   _checks.check_same_tree("updates", updates, state.nu, "state.nu")
-  needs_params = cfg.weight_decay is not None
-  if needs_params:
+  if cfg.weight_decay is not None:
     if params is None:
-      raise ValueError(
-          "params must be passed to update(updates, state, params) when"
-          " weight_decay is used"
-      )
+      raise ValueError("params must be passed to update(updates, state, params) when weight_decay is used")
     _checks.check_same_tree("params", params, updates, "updates")
+
+
+def _leaves_or_none(treedef: Any, tree: Any) -> list[Any]:
+  """``tree``'s leaves in ``treedef``'s order, or Nones if ``tree`` is None."""
+  return [None] * treedef.num_leaves if tree is None else treedef.flatten_up_to(tree)
+
+
+def _stored(new: list[jax.Array], old: list[Any], dtype: Any = None) -> list[Any]:
+  """New moments cast to their storage dtype (``dtype``, else the old one)."""
+  return [None if o is None else _cast(n, dtype or o.dtype) for n, o in zip(new, old)]
+
+
+def _update_tree(
+  updates: optax.Updates,
+  state: RMSPropState,
+  params: optax.Params | None,
+  scalars: StepScalars,
+  cfg: Config,
+) -> tuple[optax.Updates, RMSPropState]:
+  """The whole update: :func:`_leaf_update` on every leaf, then the state."""
+  _check_trees(updates, state, params, cfg)
   g_leaves, treedef = jax.tree.flatten(updates)
-  nu_leaves = treedef.flatten_up_to(state.nu)
-  none = [None] * len(g_leaves)
-  p_leaves = treedef.flatten_up_to(params) if needs_params else none
-  mu_leaves = treedef.flatten_up_to(state.mu) if cfg.centered else none
-  tr_leaves = treedef.flatten_up_to(state.trace) if cfg.momentum else none
-
-  count_inc = optax.safe_increment(state.count)
-  scalars = {
-      "decay": hp.decay,
-      "one_minus_decay": hp.one_minus_decay,
-      "eps": hp.eps,
-      "momentum": hp.momentum if cfg.momentum else None,
-      "weight_decay": hp.weight_decay if cfg.weight_decay else None,
-      "neg_lr": None,
-      "decoupled_wd": None,
-      "bias_corr": 1 - hp.decay**count_inc if cfg.bias_correction else None,
-      "zero": 0.0,
-      "one": 1.0,
-  }
-  if cfg.scale_by_learning_rate:
-    if cfg.schedule is not None:
-      lr = cfg.schedule(state.count)  # the count before this step, as optax
-    else:
-      lr = hp.learning_rate
-    scalars["neg_lr"] = -lr  # the learning rate is negated once, here
-    if cfg.weight_decay == "decoupled":
-      scalars["decoupled_wd"] = lr * hp.weight_decay
-
-  @functools.cache
-  def consts(dtype) -> _Consts:
-    """The scalars as 0-d arrays of ``dtype`` (converted once per dtype)."""
-    return _Consts(**{
-        k: None if v is None else lax.convert_element_type(v, dtype)
-        for k, v in scalars.items()
-    })
-
-  out = [
-      _leaf_update(g, p, nu, mu, tr, consts, cfg)
-      for g, p, nu, mu, tr in zip(g_leaves, p_leaves, nu_leaves, mu_leaves, tr_leaves)
-  ]
-  new_u, new_nu, new_mu, new_tr = (list(col) for col in zip(*out)) if out else ([],) * 4
-  nu_store = [_cast(n, cfg.nu_dtype or old.dtype) for n, old in zip(new_nu, nu_leaves)]
-  unflat = functools.partial(jax.tree.unflatten, treedef)
+  old = [_leaves_or_none(treedef, t) for t in (params, state.nu, state.mu, state.trace)]
+  consts = _consts_factory(scalars)
+  leaves = [_leaf_update(*args, consts, cfg) for args in zip(g_leaves, *old)]
+  unflat = lambda xs: jax.tree.unflatten(treedef, xs)
   new_state = RMSPropState(
-      count=count_inc,
-      nu=unflat(nu_store),
-      mu=unflat([_cast(m, o.dtype) for m, o in zip(new_mu, mu_leaves)])
-      if cfg.centered
-      else None,
-      trace=unflat([_cast(t, o.dtype) for t, o in zip(new_tr, tr_leaves)])
-      if cfg.momentum
-      else None,
+    count=optax.safe_increment(state.count),
+    nu=unflat(_stored([x.nu for x in leaves], old[1], cfg.nu_dtype)),
+    mu=unflat(_stored([x.mu for x in leaves], old[2])) if cfg.centered else None,
+    trace=unflat(_stored([x.trace for x in leaves], old[3])) if cfg.momentum else None,
   )
-  return unflat(new_u), new_state
+  return unflat([x.update for x in leaves]), new_state
 
 
-def _full_like(p: jax.Array, value: Any, dtype: Any) -> jax.Array:
-  """``full_like(p, value, dtype)`` that keeps ``p``'s sharding under ``jit``.
+def last_step_size(state: RMSPropState, cfg: Config, hp: Hyperparams) -> optax.Updates:
+  """Per parameter, the factor the last step multiplied the gradient by.
 
-  A plain ``jnp.full_like`` has no data dependence on ``p``, so XLA places
-  it on one device; selecting from ``p`` lets sharding propagate from ``p``.
+  ``lr_t * _rms_scale(...)`` of the step that produced ``state``, computed by
+  the update's own functions (same eps placement, bias correction, centering
+  and zero-denominator rule), so it cannot disagree with the update.
   """
+  scalars = step_scalars(hp, jnp.maximum(state.count - 1, 0), cfg)
+  consts = _consts_factory(scalars)
+
+  def one(nu: jax.Array, mu: jax.Array | None) -> jax.Array:
+    rdt = _real_dtype(_compute_dtype(nu.dtype))
+    r = consts(rdt)
+    mu_hat = None
+    if mu is not None:
+      mu_hat = _debias(_cast(mu, _compute_dtype(mu.dtype)), consts(_compute_dtype(mu.dtype)))
+    scale = _rms_scale(_debias(_cast(nu, rdt), r), mu_hat, r, cfg)
+    return scale if r.s.neg_lr is None else lax.mul(lax.neg(r.s.neg_lr), scale)
+
+  treedef = jax.tree.structure(state.nu)
+  nus, mus = treedef.flatten_up_to(state.nu), _leaves_or_none(treedef, state.mu)
+  return jax.tree.unflatten(treedef, [one(n, m) for n, m in zip(nus, mus)])
+
+
+def _full_like(p: Any, value: Any, dtype: Any) -> jax.Array:
+  """An array of ``value`` shaped and placed like ``p``.
+
+  ``p`` may be a ``jax.ShapeDtypeStruct`` (with or without a sharding). For an
+  array, a plain ``jnp.full_like`` has no data dependence on ``p`` under
+  ``jit``, so XLA would place it on one device; selecting from ``p`` lets
+  sharding propagate from ``p``.
+  """
+  if isinstance(p, jax.ShapeDtypeStruct):
+    return jnp.full(p.shape, value, dtype, device=p.sharding)
   src = p.real if jnp.iscomplexobj(p) and not jnp.issubdtype(dtype, jnp.complexfloating) else p
   keep = jnp.zeros(p.shape, dtype=bool)
   return jnp.where(keep, src.astype(dtype), jnp.asarray(value, dtype=dtype))
 
 
-def _init_tree(params, initial_scale, cfg: Config) -> RMSPropState:
+def _init_tree(params: optax.Params, initial_scale: Any, cfg: Config) -> RMSPropState:
   def nu_like(p):
-    dtype = cfg.nu_dtype or _real_dtype(jnp.result_type(p))
-    return _full_like(p, initial_scale, dtype)
+    return _full_like(p, initial_scale, cfg.nu_dtype or _real_dtype(jnp.result_type(p)))
 
   def zeros_like(p):
     return _full_like(p, 0, jnp.result_type(p))
 
   return RMSPropState(
-      count=jnp.zeros([], jnp.int32),
-      nu=jax.tree.map(nu_like, params),
-      mu=jax.tree.map(zeros_like, params) if cfg.centered else None,
-      trace=jax.tree.map(zeros_like, params) if cfg.momentum else None,
+    count=jnp.zeros([], jnp.int32),
+    nu=jax.tree.map(nu_like, params),
+    mu=jax.tree.map(zeros_like, params) if cfg.centered else None,
+    trace=jax.tree.map(zeros_like, params) if cfg.momentum else None,
   )
 
 
-# Unless a program is being staged around it, an update is one call of a cached
-# compiled program (hyperparameters are its arguments, so new values do not
-# recompile); under an un-jitted vmap or grad it is that program, batched or
-# differentiated, not op-by-op dispatch. Inside a user's jit/scan the plain
-# functions are traced inline instead: the outer program compiles them, and
-# XLA need not inline a nested computation (8% more compile time on 600 leaves).
-_update_jit = jax.jit(_update_tree, static_argnames=("cfg",))
-_init_jit = jax.jit(_init_tree, static_argnames=("cfg",))
+# One cached compiled program when called eagerly (also batched under an
+# un-jitted vmap, differentiated under grad); inlined into the caller's
+# program inside jit/scan, so XLA compiles one computation, not a nested one.
+_update_jit = jax.jit(_update_tree, static_argnames=("cfg",), inline=True)
+_init_jit = jax.jit(_init_tree, static_argnames=("cfg",), inline=True)
+
+# Settings of the optimizers built here, for effective_learning_rate(state, opt).
+_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _in_trace(*trees: Any) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+def register_settings(opt: optax.GradientTransformation, settings: tuple[Config, Hyperparams]) -> None:
+  """Records ``opt``'s settings (kept as long as ``opt.update`` lives)."""
+  _SETTINGS[opt.update] = settings
 
 
-def _current_trace() -> Any:
-  from jax._src import core as jax_core
-
-  return jax_core.trace_ctx.trace
-
-
-def _staging(*trees: Any) -> bool:
-  """Whether a jit/scan/... trace is building a program around this call.
-
-  Walks the current trace and its parents (vmap and grad traces sit on top of
-  the one they were called in). If JAX's internals ever change shape, falls
-  back to "any argument is a tracer", which is always correct, only slower
-  under an un-jitted vmap.
-  """
+def settings_of(opt: Any) -> tuple[Config, Hyperparams] | None:
+  """The ``(Config, Hyperparams)`` of an optimizer built here, else None."""
+  update = getattr(opt, "update", None)
   try:
-    trace = _current_trace()
-    while trace is not None:
-      if "Jaxpr" in type(trace).__name__:  # DynamicJaxprTrace, JaxprTrace
-        return True
-      trace = getattr(trace, "parent_trace", None)
-    return False
-  except Exception:
-    return _in_trace(*trees)
+    return _SETTINGS.get(update)
+  except TypeError:  # not weak-referenceable: not ours
+    return None
 
 
 def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationExtraArgs:
   """Builds the transformation for a validated ``cfg`` and ``hp``.
 
   This is the one implementation behind :func:`scale_by_rms`,
-  :func:`rmsprop_jax.rmsprop` and every preset; it does no validation of its
-  own beyond the tree checks in ``init`` and ``update``.
+  :func:`rmsprop_jax.rmsprop` and every preset; beyond the tree checks in
+  ``init`` and ``update`` it only refuses what the core cannot compute.
   """
   if cfg.nu_dtype is not None:
     nu_dtype = jnp.dtype(cfg.nu_dtype)
     if not jnp.issubdtype(nu_dtype, jnp.floating):
       raise TypeError(f"nu_dtype must be a real floating dtype, got {nu_dtype}")
     cfg = cfg._replace(nu_dtype=nu_dtype)
+  if cfg.bias_correction and callable(hp.decay):
+    raise ValueError(
+      "bias_correction=True needs a constant decay, got the schedule"
+      f" {hp.decay!r}; use a constant decay, or bias_correction=False"
+    )
   eps_may_be_zero = not _checks.is_concrete(hp.eps) or np.min(np.asarray(hp.eps)) == 0.0
   if eps_may_be_zero:
     cfg = cfg._replace(safe_divide=True)
 
   def init_fn(params: optax.Params) -> RMSPropState:
     _checks.check_float_params(params)
-    init = _init_tree if _staging(params, hp) else _init_jit
-    return init(params, hp.initial_scale, cfg)
+    if _checks.has_abstract_leaves(params):  # ShapeDtypeStructs: build eagerly
+      return _init_tree(params, hp.initial_scale, cfg)
+    return _init_jit(params, hp.initial_scale, cfg)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: RMSPropState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, RMSPropState]:
     del extra_args
-    update = _update_tree if _staging(updates, state.count, hp) else _update_jit
     if cfg.weight_decay is None:
       params = None  # unused: not worth passing to the compiled update
-    return update(updates, state, params, hp, cfg)
+    return _update_jit(updates, state, params, step_scalars(hp, state.count, cfg), cfg)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  opt = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  register_settings(opt, (cfg, hp))
+  return opt
 
 
 def scale_by_rms(
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
-    *,
-    eps_in_sqrt: bool = True,
-    initial_scale: jax.typing.ArrayLike = 0.0,
-    centered: bool = False,
-    bias_correction: bool = False,
-    nu_dtype: Any = None,
+  decay: optax.ScalarOrSchedule = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  eps_in_sqrt: bool = True,
+  initial_scale: jax.typing.ArrayLike = 0.0,
+  centered: bool = False,
+  bias_correction: bool = False,
+  nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by the root of an exponential moving average of squares.
 
@@ -409,7 +476,8 @@ def scale_by_rms(
 
   Args:
     decay: :math:`\rho`, the EMA decay in [0, 1]. 0.9 as in Hinton's lecture
-      and optax.
+      and optax. May be a schedule ``count -> decay``, called with the number
+      of steps taken before this one (as a learning-rate schedule is).
     eps: :math:`\epsilon` >= 0, keeps the denominator away from zero. With
       ``eps=0`` a zero denominator gives a zero update instead of NaN.
     eps_in_sqrt: add ``eps`` inside the root (optax, Keras, TF1) rather than
@@ -417,7 +485,10 @@ def scale_by_rms(
     initial_scale: initial value of ``nu``; 0 (PyTorch, optax) or 1 (TF1).
     centered: divide by the root of the variance estimate ``nu - mu**2``
       (Graves, 2013) instead of the second moment.
-    bias_correction: divide ``nu`` (and ``mu``) by ``1 - decay**t``.
+    bias_correction: divide ``nu`` (and ``mu``) by ``1 - decay**t``. Needs a
+      constant ``decay``: with a decay schedule it is refused with a
+      ``ValueError`` (the exact factor ``1 - prod(decay_i)`` would need one
+      more number in the state).
     nu_dtype: dtype in which ``nu`` is stored (e.g. ``jnp.bfloat16`` halves
       its memory); the arithmetic is done in float32 or wider regardless, and
       the step divides by the stored (rounded) ``nu``. None keeps the
@@ -433,22 +504,22 @@ def scale_by_rms(
     >>> tx = scale_by_rms(decay=0.9, eps=0.0)
     >>> state = tx.init(jnp.zeros(2))
     >>> u, state = tx.update(jnp.array([2.0, -0.5]), state)
-    >>> u  # g / sqrt(0.1 g**2) = sign(g) * sqrt(10)
-    Array([ 3.1622777, -3.1622777], dtype=float32)
+    >>> print(u.round(5))  # g / sqrt(0.1 g**2) = sign(g) * sqrt(10)
+    [ 3.16228 -3.16228]
 
   References:
     Hinton, Lecture 6e of "Neural Networks for Machine Learning", 2012.
     Graves, "Generating Sequences With Recurrent Neural Networks", 2013.
   """
-  _checks.check_scalar("decay", decay, 0.0, 1.0)
+  _checks.check_scalar_or_schedule("decay", decay, 0.0, 1.0)
   _checks.check_scalar("eps", eps, 0.0)
   _checks.check_scalar("initial_scale", initial_scale, 0.0)
   cfg = Config(
-      eps_in_sqrt=eps_in_sqrt,
-      centered=centered,
-      bias_correction=bias_correction,
-      nu_dtype=nu_dtype,
-      scale_by_learning_rate=False,
+    eps_in_sqrt=eps_in_sqrt,
+    centered=centered,
+    bias_correction=bias_correction,
+    nu_dtype=nu_dtype,
+    scale_by_learning_rate=False,
   )
-  hp = make_hyperparams(decay=decay, eps=eps, initial_scale=initial_scale)
+  hp = Hyperparams(decay=decay, eps=eps, initial_scale=initial_scale)
   return fused_rmsprop(cfg, hp)

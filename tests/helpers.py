@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 PARAMS0 = {
-    "w": np.array([[0.5, -1.2, 2.0], [0.3, 0.0, -0.7]], np.float32),
-    "b": np.array([1.5, -0.25], np.float32),
+  "w": np.array([[0.5, -1.2, 2.0], [0.3, 0.0, -0.7]], np.float32),
+  "b": np.array([1.5, -0.25], np.float32),
 }
 
 
@@ -17,11 +20,8 @@ def fixed_grads(steps: int, seed: int = 0, scale: float = 1.0):
   """A fixed sequence of gradient dicts shaped like PARAMS0 (float32)."""
   rng = np.random.default_rng(seed)
   return [
-      {
-          k: (scale * rng.normal(size=v.shape) * (1 + 0.1 * t)).astype(np.float32)
-          for k, v in PARAMS0.items()
-      }
-      for t in range(steps)
+    {k: (scale * rng.normal(size=v.shape) * (1 + 0.1 * t)).astype(np.float32) for k, v in PARAMS0.items()}
+    for t in range(steps)
   ]
 
 
@@ -53,6 +53,31 @@ def assert_updates_close(actual, expected, rtol, atol):
   assert len(actual) == len(expected)
   for t, (a, e) in enumerate(zip(actual, expected)):
     for k in e:
-      np.testing.assert_allclose(
-          a[k], e[k], rtol=rtol, atol=atol, err_msg=f"step {t}, leaf {k}"
-      )
+      np.testing.assert_allclose(a[k], e[k], rtol=rtol, atol=atol, err_msg=f"step {t}, leaf {k}")
+
+
+class _Records(logging.Handler):
+  def __init__(self):
+    super().__init__(level=logging.DEBUG)
+    self.messages: list[str] = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def count_compilations():
+  """Yields a list that collects one entry per XLA compilation in the block.
+
+  Uses JAX's public compile logging (``jax.log_compiles``), nothing private.
+  """
+  handler = _Records()
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  compiled: list[str] = []
+  try:
+    with jax.log_compiles():
+      yield compiled
+  finally:
+    logger.removeHandler(handler)
+    compiled.extend(m for m in handler.messages if m.startswith("Finished XLA compilation"))

@@ -14,38 +14,40 @@ import rmsprop_jax
 from rmsprop_jax import presets, scale_by_rms
 
 BAD_HYPERPARAMS = [
-    (rmsprop_jax.rmsprop, dict(learning_rate=-0.1), "learning_rate must be >= 0, got -0.1"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=float("nan")), "learning_rate must be finite, got nan"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=float("inf")), "learning_rate must be finite, got inf"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, decay=1.5), "decay must be in [0, 1], got 1.5"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, decay=-0.1), "decay must be in [0, 1], got -0.1"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, eps=-1e-8), "eps must be >= 0, got -1e-08"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, momentum=1.0), "momentum must be in [0, 1), got 1.0"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, weight_decay=-1), "weight_decay must be >= 0, got -1"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, initial_scale=-1.0),
-     "initial_scale must be >= 0, got -1.0"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=jnp.array(-1.0)), "learning_rate must be >= 0, got -1.0"),
-    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, weight_decay_mode="l2"),
-     "weight_decay_mode must be one of ('coupled', 'decoupled'), got 'l2'"),
-    (scale_by_rms, dict(decay=2.0), "decay must be in [0, 1], got 2.0"),
-    (presets.pytorch, dict(lr=-0.01), "lr must be >= 0, got -0.01"),
-    (presets.pytorch, dict(alpha=1.01), "alpha must be in [0, 1], got 1.01"),
-    (presets.pytorch, dict(eps=-1.0), "eps must be >= 0, got -1.0"),
-    (presets.pytorch, dict(momentum=-0.5), "momentum must be in [0, 1), got -0.5"),
-    (presets.pytorch, dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
-    (presets.keras, dict(rho=1.5), "rho must be in [0, 1], got 1.5"),
-    (presets.keras, dict(epsilon=-1e-7), "epsilon must be >= 0, got -1e-07"),
-    (presets.keras, dict(learning_rate=float("nan")), "learning_rate must be finite, got nan"),
-    (presets.keras, dict(weight_decay=-0.004), "weight_decay must be >= 0, got -0.004"),
-    (presets.tf1, dict(learning_rate=0.1, decay=-1.0), "decay must be in [0, 1], got -1.0"),
-    (presets.tf1, dict(learning_rate=0.1, epsilon=-1.0), "epsilon must be >= 0, got -1.0"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=-0.1), "learning_rate must be >= 0, got -0.1"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=float("nan")), "learning_rate must be finite, got nan"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=float("inf")), "learning_rate must be finite, got inf"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=0.1, decay=1.5), "decay must be in [0, 1], got 1.5"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=0.1, decay=-0.1), "decay must be in [0, 1], got -0.1"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=0.1, eps=-1e-8), "eps must be >= 0, got -1e-08"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=0.1, momentum=1.0), "momentum must be in [0, 1), got 1.0"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=0.1, weight_decay=-1), "weight_decay must be >= 0, got -1"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=0.1, initial_scale=-1.0), "initial_scale must be >= 0, got -1.0"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=jnp.array(-1.0)), "learning_rate must be >= 0, got -1.0"),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=0.1, weight_decay_mode="l2"),
+    "weight_decay_mode must be one of ('coupled', 'decoupled'), got 'l2'",
+  ),
+  (scale_by_rms, dict(decay=2.0), "decay must be in [0, 1], got 2.0"),
+  (presets.pytorch, dict(lr=-0.01), "lr must be >= 0, got -0.01"),
+  (presets.pytorch, dict(alpha=1.01), "alpha must be in [0, 1], got 1.01"),
+  (presets.pytorch, dict(eps=-1.0), "eps must be >= 0, got -1.0"),
+  (presets.pytorch, dict(momentum=-0.5), "momentum must be in [0, 1), got -0.5"),
+  (presets.pytorch, dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
+  (presets.keras, dict(rho=1.5), "rho must be in [0, 1], got 1.5"),
+  (presets.keras, dict(epsilon=-1e-7), "epsilon must be >= 0, got -1e-07"),
+  (presets.keras, dict(learning_rate=float("nan")), "learning_rate must be finite, got nan"),
+  (presets.keras, dict(weight_decay=-0.004), "weight_decay must be >= 0, got -0.004"),
+  (presets.tf1, dict(learning_rate=0.1, decay=-1.0), "decay must be in [0, 1], got -1.0"),
+  (presets.tf1, dict(learning_rate=0.1, epsilon=-1.0), "epsilon must be >= 0, got -1.0"),
 ]
 
 
 @pytest.mark.parametrize(
-    "factory,kwargs,message",
-    BAD_HYPERPARAMS,
-    ids=[f"{f.__name__} {k}" for f, k, _ in BAD_HYPERPARAMS],
+  "factory,kwargs,message",
+  BAD_HYPERPARAMS,
+  ids=[f"{f.__name__} {k}" for f, k, _ in BAD_HYPERPARAMS],
 )
 def test_bad_hyperparameter_names_itself_and_its_value(factory, kwargs, message):
   with pytest.raises(ValueError, match=re.escape(message)):
@@ -57,9 +59,38 @@ def test_bool_is_not_a_learning_rate():
     rmsprop_jax.rmsprop(True)
 
 
-def test_only_the_learning_rate_may_be_a_schedule():
-  with pytest.raises(TypeError, match="decay must be a number or an array, got the callable"):
-    rmsprop_jax.rmsprop(0.1, decay=lambda count: 0.9)
+def test_only_the_learning_rate_and_the_decay_may_be_schedules():
+  with pytest.raises(TypeError, match="eps must be a number or an array, got the callable"):
+    rmsprop_jax.rmsprop(0.1, eps=lambda count: 1e-8)
+  with pytest.raises(TypeError, match="momentum must be a number or an array, got the callable"):
+    rmsprop_jax.rmsprop(0.1, momentum=lambda count: 0.9)
+  rmsprop_jax.rmsprop(lambda count: 0.1, decay=lambda count: 0.9)  # both fine
+
+
+@pytest.mark.parametrize(
+  "factory, kwargs, message",
+  [
+    (
+      rmsprop_jax.rmsprop,
+      dict(learning_rate=0.1, decay=lambda c: 1.5),
+      r"decay\(0\) must be in \[0, 1\], got 1.5",
+    ),
+    (rmsprop_jax.presets.pytorch, dict(alpha=lambda c: -0.1), r"alpha\(0\) must be in \[0, 1\], got -0.1"),
+    (rmsprop_jax.presets.keras, dict(rho=lambda c: 2.0), r"rho\(0\) must be in \[0, 1\], got 2.0"),
+    (rmsprop_jax.rmsprop, dict(learning_rate=lambda c: -0.1), r"learning_rate\(0\) must be >= 0, got -0.1"),
+  ],
+  ids=["decay", "torch alpha", "keras rho", "learning rate"],
+)
+def test_a_schedule_starting_out_of_range_is_refused_at_construction(factory, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    factory(**kwargs)
+
+
+def test_bias_correction_with_a_decay_schedule_is_refused():
+  with pytest.raises(ValueError, match="bias_correction=True needs a constant decay"):
+    rmsprop_jax.rmsprop(0.1, decay=lambda count: 0.9, bias_correction=True)
+  with pytest.raises(ValueError, match="bias_correction=True needs a constant decay"):
+    rmsprop_jax.scale_by_rms(decay=lambda count: 0.9, bias_correction=True)
 
 
 def test_nu_dtype_must_be_floating():
