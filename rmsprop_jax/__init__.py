@@ -12,6 +12,7 @@ Public API:
 from rmsprop_jax import diagnostics, presets
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
+from rmsprop_jax.sharding import state_shardings
 from rmsprop_jax.transform import RMSPropState, scale_by_rms
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "presets",
     "rmsprop",
     "scale_by_rms",
+    "state_shardings",
 ]
