@@ -30,6 +30,11 @@ def jax_param_grad(params):
   return jax.tree.map(lambda v: v + 0.1 * v**3, params)
 
 
+def _wide(x):
+  """float64 (complex128 for complex) NumPy copy of ``x``."""
+  return np.asarray(x, np.complex128 if jnp.iscomplexobj(x) else np.float64)
+
+
 def run(opt, grads, params0=PARAMS0, steps=None, jit=True):
   """Runs ``opt``; grads is a list of dicts or a callable params -> grads.
 
@@ -45,7 +50,7 @@ def run(opt, grads, params0=PARAMS0, steps=None, jit=True):
     g = jax.tree.map(jnp.asarray, g)
     updates, state = update(g, state, params)
     params = optax.apply_updates(params, updates)
-    out.append(jax.tree.map(lambda x: np.asarray(x, np.float64), updates))
+    out.append(jax.tree.map(_wide, updates))
   return out, state
 
 

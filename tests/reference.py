@@ -11,23 +11,23 @@ import numpy as np
 
 
 def reference_updates(
-    params0,
-    grads,
-    *,
-    lr=0.01,
-    decay=0.9,
-    eps=1e-8,
-    eps_in_sqrt=True,
-    initial_scale=0.0,
-    centered=False,
-    momentum=None,
-    nesterov=False,
-    bias_correction=False,
-    weight_decay=0.0,
-    weight_decay_mode="coupled",
-    maximize=False,
-    lr_inside_momentum=True,
-    nu_round=None,
+  params0,
+  grads,
+  *,
+  lr=0.01,
+  decay=0.9,
+  eps=1e-8,
+  eps_in_sqrt=True,
+  initial_scale=0.0,
+  centered=False,
+  momentum=None,
+  nesterov=False,
+  bias_correction=False,
+  weight_decay=0.0,
+  weight_decay_mode="coupled",
+  maximize=False,
+  lr_inside_momentum=True,
+  nu_round=None,
 ):
   """Runs RMSProp in float64 on a dict of arrays.
 
@@ -36,6 +36,7 @@ def reference_updates(
     grads: either a list of dicts (a fixed gradient sequence) or a callable
       ``params -> grads dict`` (gradients that depend on the parameters).
     lr: a float or a callable ``step -> lr`` (step counted from 0).
+    decay: a float or a callable ``step -> decay`` (step counted from 0).
     nu_round: optional function rounding the second moment to its storage
       precision after each EMA update (the step then uses the rounded value).
     (the rest): as in rmsprop_jax.rmsprop.
@@ -43,8 +44,9 @@ def reference_updates(
   Returns:
     (list of update dicts, list of param dicts after each step).
   """
-  p = {k: np.asarray(v, np.float64).copy() for k, v in params0.items()}
-  nu = {k: np.full_like(v, initial_scale) for k, v in p.items()}
+  wide = lambda v: np.asarray(v, np.complex128 if np.iscomplexobj(v) else np.float64)
+  p = {k: wide(v).copy() for k, v in params0.items()}
+  nu = {k: np.full(v.shape, float(initial_scale)) for k, v in p.items()}
   mu = {k: np.zeros_like(v) for k, v in p.items()}
   buf = {k: np.zeros_like(v) for k, v in p.items()}
   steps = len(grads) if isinstance(grads, list) else grads.steps
@@ -52,22 +54,24 @@ def reference_updates(
   for t in range(steps):
     g_all = grads[t] if isinstance(grads, list) else grads(p)
     rate = lr(t) if callable(lr) else lr
+    rho = decay(t) if callable(decay) else decay
     upd = {}
     for k in p:
-      g = np.asarray(g_all[k], np.float64)
+      g = wide(g_all[k])
       if maximize:
         g = -g
       if weight_decay and weight_decay_mode == "coupled":
         g = g + weight_decay * p[k]
-      nu[k] = decay * nu[k] + (1 - decay) * g * g
+      nu[k] = rho * nu[k] + (1 - rho) * np.abs(g) ** 2
       if nu_round is not None:
         nu[k] = nu_round(nu[k])
-      mu[k] = decay * mu[k] + (1 - decay) * g
+      mu[k] = rho * mu[k] + (1 - rho) * g
       nu_hat, mu_hat = nu[k], mu[k]
       if bias_correction:
+        assert not callable(decay), "bias correction needs a constant decay"
         nu_hat = nu_hat / (1 - decay ** (t + 1))
         mu_hat = mu_hat / (1 - decay ** (t + 1))
-      var = nu_hat - mu_hat**2 if centered else nu_hat
+      var = nu_hat - np.abs(mu_hat) ** 2 if centered else nu_hat
       var = np.maximum(var, 0.0)
       denom = np.sqrt(var + eps) if eps_in_sqrt else np.sqrt(var) + eps
       step = g / denom

@@ -17,15 +17,15 @@ from jax.sharding import PartitionSpec as P
 import rmsprop_jax
 
 needs_8 = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py forces 8 host CPUs)"
+  jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py forces 8 host CPUs)"
 )
 
 
 def _sharded_params(mesh):
   return {
-      "w": jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("a", "b"))),
-      "b": jax.device_put(jnp.ones(8), NamedSharding(mesh, P("a"))),
-      "s": jax.device_put(jnp.ones(()), NamedSharding(mesh, P())),
+    "w": jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("a", "b"))),
+    "b": jax.device_put(jnp.ones(8), NamedSharding(mesh, P("a"))),
+    "s": jax.device_put(jnp.ones(()), NamedSharding(mesh, P())),
   }
 
 
@@ -113,11 +113,14 @@ def test_two_processes_train_data_parallel_and_agree_with_one(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   procs = [
-      subprocess.Popen(
-          [sys.executable, str(worker), port, str(i), str(tmp_path / f"p{i}.npz")],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [sys.executable, str(worker), port, str(i), str(tmp_path / f"p{i}.npz")],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   try:
     outputs = [p.communicate(timeout=180)[0] for p in procs]
@@ -145,3 +148,53 @@ def test_two_processes_train_data_parallel_and_agree_with_one(tmp_path):
     params = optax.apply_updates(params, updates)
   for k in r0:
     np.testing.assert_allclose(r0[k], params[k], rtol=1e-5, atol=1e-6)
+
+
+# optax's own sharding tests (optax/_src/sharding_test.py), run on ours.
+OURS = {
+  "plain": lambda: rmsprop_jax.rmsprop(1.0),
+  "centered momentum": lambda: rmsprop_jax.rmsprop(1.0, centered=True, momentum=0.9),
+  "bfloat16 nu": lambda: rmsprop_jax.rmsprop(1.0, nu_dtype=jnp.bfloat16),
+  "torch": lambda: rmsprop_jax.presets.pytorch(1.0, momentum=0.5, weight_decay=0.1),
+  "keras": lambda: rmsprop_jax.presets.keras(1.0, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("make", OURS.values(), ids=OURS.keys())
+def test_optax_init_with_abstract_input(make):
+  params = jax.ShapeDtypeStruct(shape=(2, 4, 8), dtype=jnp.float32)
+  state = make().init(params)
+  assert state is not None
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+
+
+@needs_8
+@pytest.mark.parametrize("make", OURS.values(), ids=OURS.keys())
+def test_optax_state_sharding_type_init_match_update_and_jit(make):
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  sharding = NamedSharding(mesh, P(None, "x"))
+  optimizer = make()
+  with jax.set_mesh(mesh):
+    params = jnp.zeros((2, 8, 4), dtype=jnp.float16, out_sharding=sharding)
+    state0 = optimizer.init(params)
+    _, state1 = optimizer.update(params, state0, params)
+    types = lambda t: (jax.tree.structure(t), [jax.typeof(x) for x in jax.tree.leaves(t)])
+    assert types(state0) == types(state1)
+    assert types(state0) == types(jax.jit(optimizer.init)(params))
+    _, state3 = jax.jit(optimizer.update)(params, state0, params)
+    assert types(state1) == types(state3)
+
+
+@needs_8
+def test_abstract_init_places_state_with_the_given_sharding():
+  mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
+  params = {
+    "w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, P("a", "b"))),
+    "b": jax.ShapeDtypeStruct((8,), jnp.float32),
+  }
+  state = rmsprop_jax.rmsprop(0.1, momentum=0.9).init(params)
+  for tree in (state.nu, state.trace):
+    assert tree["w"].sharding.is_equivalent_to(params["w"].sharding, 2)
+    assert len(tree["w"].addressable_shards) == 8 and tree["w"].addressable_shards[0].data.shape == (2, 2)
+    np.testing.assert_array_equal(tree["w"], np.zeros((8, 4)))
+  assert state.nu["b"].shape == (8,)
