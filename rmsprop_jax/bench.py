@@ -33,7 +33,15 @@ CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "compile_600": ("compile time of the 600-leaf jitted step", ("optax", "ours"), "<= 1.0"),
     "eager_update": ("un-jitted update, 100 leaves x 20k params", ("optax", "ours"), "<= 0.15"),
     "one_big_leaf": ("one 16M-param leaf, jitted step, donated", ("optax", "ours"), "<= 1.0"),
+    "scale_out": (
+        "8 host devices, data-parallel step, state replicated vs sharded over data (ZeRO-1)",
+        ("replicated", "zero1"), "-",
+    ),
 }
+
+# Cases that need several devices, and how many: their workers (and only
+# theirs) run on that many host CPU devices (--xla_force_host_platform_device_count).
+HOST_DEVICES: dict[str, int] = {"scale_out": 8}
 
 
 # ----------------------------------------------------------------- trees
@@ -66,7 +74,7 @@ def _tree(shapes, dtype="float32", seed=0):
 
 
 def _case_shapes(case: str, quick: bool) -> list[tuple[int, ...]]:
-  if case.startswith("big_tree"):
+  if case.startswith("big_tree") or case == "scale_out":
     return conv_net_shapes(quick)
   if case in ("many_leaves_scan", "many_leaves_step", "compile_600"):
     return [(1000,)] * (60 if quick else 600)
@@ -187,6 +195,8 @@ def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
                          "n_leaves": len(shapes)}
   if impl == "torch":
     return {**out, **_run_torch(shapes, iters)}
+  if case == "scale_out":
+    return {**out, **_run_scale_out(impl, quick, iters)}
   params = _tree(shapes)
   grads = _tree(shapes, seed=1)
   opt = _make_opt(impl)
@@ -268,12 +278,195 @@ def _run_torch(shapes, iters) -> dict[str, Any]:
   return {"time_s": t, "torch_device": device, "threads": torch.get_num_threads()}
 
 
+# ----------------------------------------------------------------- scale out (ZeRO-1)
+
+
+def _host_devices_env(n: int) -> dict[str, str]:
+  """Environment for a worker on ``n`` host CPU devices (the flag appended last wins)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  return {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}".strip(),
+          "JAX_PLATFORMS": "cpu"}
+
+
+def _scale_out_opt():
+  from rmsprop_jax import rmsprop
+
+  return rmsprop(1e-3, momentum=0.9)  # nu and trace: two copies of the model
+
+
+def state_bytes_per_device(state_shapes, shardings) -> int:
+  """Bytes of state on the fullest device, from the shardings alone (nothing allocated)."""
+  import jax
+  import numpy as np
+
+  return int(sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x, sh in zip(jax.tree.leaves(state_shapes), jax.tree.leaves(shardings))))
+
+
+def scale_out_table(quick: bool = False, devices: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
+  """Per-device bytes of params and state on 1, 2, 4, 8 devices, for the big tree.
+
+  Computed from ``state_shardings`` and ``jax.eval_shape`` (no memory used),
+  for three RMSProp variants: nu only, nu and trace, nu, mu and trace.
+  """
+  import jax
+
+  from rmsprop_jax import rmsprop, state_shardings
+
+  shapes = conv_net_shapes(quick)
+  params = {f"p{i:03d}": jax.ShapeDtypeStruct(s, "float32") for i, s in enumerate(shapes)}
+  variants = {
+      "rmsprop": rmsprop(1e-3),
+      "momentum": rmsprop(1e-3, momentum=0.9),
+      "centered+momentum": rmsprop(1e-3, momentum=0.9, centered=True),
+  }
+  n_params = sum(math.prod(s) for s in shapes)
+  table: dict[str, Any] = {"n_params": n_params, "params_bytes_per_device": 4 * n_params,
+                           "replicated": {}, "zero1": {}}
+  for name, opt in variants.items():
+    state = jax.eval_shape(opt.init, params)
+    table["replicated"][name] = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    table["zero1"][name] = {}
+    for n in devices:
+      if n > jax.device_count():
+        continue
+      mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+      table["zero1"][name][str(n)] = state_bytes_per_device(state, state_shardings(opt, params, mesh))
+  return table
+
+
+def _bytes_on_each_device(tree) -> dict[str, int]:
+  import jax
+
+  per: dict[str, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      per[str(shard.device)] = per.get(str(shard.device), 0) + shard.data.nbytes
+  return per
+
+
+def _run_scale_out(impl: str, quick: bool, iters: int) -> dict[str, Any]:
+  """A data-parallel step on 8 devices: params replicated, state replicated or ZeRO-1.
+
+  Each device brings its own gradient (as after its share of the batch); the
+  step averages them (the data-parallel all-reduce), updates and applies.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from rmsprop_jax import state_shardings
+
+  n = HOST_DEVICES["scale_out"]
+  if jax.device_count() < n:
+    raise RuntimeError(f"scale_out needs {n} devices, found {jax.device_count()}; run it with"
+                       f" XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+  mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+  replicated, per_device = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  shapes = conv_net_shapes(quick)
+  opt = _scale_out_opt()
+  params = jax.device_put(_tree(shapes), replicated)
+  rng = np.random.default_rng(1)
+
+  def local_grads(shape):
+    g = rng.standard_normal(shape, dtype=np.float32)
+    return jax.make_array_from_callback(
+        (n, *shape), per_device, lambda idx: (g * (1 + 0.1 * idx[0].start))[None])
+
+  grads = {k: local_grads(s) for k, s in zip(params, shapes)}
+  if impl == "zero1":
+    s_sh = state_shardings(opt, params, mesh)
+  elif impl == "replicated":
+    s_sh = jax.tree.map(lambda _: replicated, jax.eval_shape(opt.init, params))
+  else:
+    raise ValueError(impl)
+  p_sh = jax.tree.map(lambda _: replicated, params)
+  g_sh = jax.tree.map(lambda _: per_device, grads)
+  state = jax.jit(opt.init, out_shardings=s_sh)(params)
+
+  def step(p, s, g):
+    g = jax.tree.map(lambda x: jnp.mean(x, axis=0), g)  # the all-reduce over data
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  fn = jax.jit(step, in_shardings=(p_sh, s_sh, g_sh), out_shardings=(p_sh, s_sh),
+               donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  compiled = fn.lower(params, state, grads).compile()
+  out: dict[str, Any] = {"compile_s": time.perf_counter() - t0, "n_devices": n,
+                         "state_bytes": _state_bytes(state),
+                         "state_bytes_per_device": max(_bytes_on_each_device(state).values()),
+                         "params_bytes_per_device": max(_bytes_on_each_device(params).values())}
+  carry = [params, state]
+
+  def call():
+    carry[0], carry[1] = compiled(carry[0], carry[1], grads)
+    return carry
+
+  out["time_s"] = _median_time(call, max(3, iters // 2))  # steps of ~1 s on 2 CPU cores
+  if impl == "zero1":
+    out["by_devices"] = scale_out_table(quick)
+  return out
+
+
+def _summarize_scale_out(case: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+  med, spread = {}, {}
+  for impl, rs in runs.items():
+    ts = [r["time_s"] for r in rs]
+    med[impl] = statistics.median(ts)
+    spread[impl] = (max(ts) - min(ts)) / med[impl] if med[impl] else 0.0
+  row: dict[str, Any] = {"case": case, "what": CASES[case][0], "target": CASES[case][2],
+                         "median_s": med, "spread": spread,
+                         "state_bytes_per_device": {i: rs[0]["state_bytes_per_device"]
+                                                    for i, rs in runs.items()},
+                         "params_bytes_per_device": runs["replicated"][0]["params_bytes_per_device"],
+                         "compile_s": {i: statistics.median([r["compile_s"] for r in rs])
+                                       for i, rs in runs.items()}}
+  row["ratio_zero1_vs_replicated"] = med["zero1"] / med["replicated"]
+  row["state_bytes_ratio"] = (row["state_bytes_per_device"]["zero1"]
+                              / row["state_bytes_per_device"]["replicated"])
+  if "by_devices" in runs["zero1"][0]:
+    row["by_devices"] = runs["zero1"][0]["by_devices"]
+  return row
+
+
+def _format_scale_out(r: dict[str, Any]) -> list[str]:
+  med, sb = r["median_s"], r["state_bytes_per_device"]
+  lines = [
+      "",
+      f"{r['case']}: {r['what']} (rmsprop momentum=0.9)",
+      f"  {'state':<11}{'step (ms)':>11}{'spread':>8}{'state MB / device':>19}"
+      f"{'params MB / device':>20}{'compile (s)':>13}",
+  ]
+  for impl in ("replicated", "zero1"):
+    lines.append(f"  {impl:<11}{med[impl] * 1e3:>11.2f}{r['spread'][impl] * 100:>7.0f}%"
+                 f"{sb[impl] / 1e6:>19.2f}{r['params_bytes_per_device'] / 1e6:>20.2f}"
+                 f"{r['compile_s'][impl]:>13.2f}")
+  lines.append(f"  zero1 / replicated: step time {r['ratio_zero1_vs_replicated']:.2f},"
+               f" state bytes per device {r['state_bytes_ratio']:.3f}")
+  by = r.get("by_devices")
+  if by:
+    ns = list(next(iter(by["zero1"].values())))
+    lines.append(f"  state MB per device with ZeRO-1 ({by['n_params'] / 1e6:.1f}M params,"
+                 f" {by['params_bytes_per_device'] / 1e6:.1f} MB of params per device):")
+    lines.append(f"  {'devices':<20}" + "".join(f"{n:>9}" for n in ns) + f"{'replicated':>12}")
+    for name, per in by["zero1"].items():
+      lines.append(f"  {name:<20}" + "".join(f"{per[n] / 1e6:>9.2f}" for n in ns)
+                   + f"{by['replicated'][name] / 1e6:>12.2f}")
+  return lines
+
+
 # ----------------------------------------------------------------- driver
 
 
 def _worker(case: str, impl: str, quick: bool) -> dict[str, Any]:
   cmd = [sys.executable, "-m", "rmsprop_jax.bench", case, impl] + (["--quick"] if quick else [])
   env = dict(os.environ)
+  if case in HOST_DEVICES:
+    env.update(_host_devices_env(HOST_DEVICES[case]))
   res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
   if res.returncode != 0:
     raise RuntimeError(f"bench worker {case}/{impl} failed:\n{res.stderr[-3000:]}")
@@ -314,6 +507,9 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
   rows = []
   bw = results["bandwidth_Bps"]
   for case, runs in results["cases"].items():
+    if case in HOST_DEVICES:
+      rows.append(_summarize_scale_out(case, runs))
+      continue
     med = {}
     spread = {}
     for impl, rs in runs.items():
@@ -360,7 +556,7 @@ def format_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
       f"{'spread':>8}{'% bw':>7}{'vs torch':>10}{'compile ours/optax (s)':>24}{'state ours/optax':>18}"
       f"{'XLA bytes ours/optax':>22}",
   ]
-  for r in rows:
+  for r in (r for r in rows if r["case"] not in HOST_DEVICES):
     med = r["median_s"]
     ours_key = "ours_bf16" if "ours_bf16" in med else "ours"
     comp = r.get("compile_s", {})
@@ -379,6 +575,7 @@ def format_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
   skipped = sorted({r["skipped"] for runs in results["cases"].values() for r in runs.get("torch", [])
                     if "skipped" in r})
   lines += [f"torch: {why}" for why in skipped]
+  lines += [line for r in rows if r["case"] in HOST_DEVICES for line in _format_scale_out(r)]
   lines.append("")
   lines.append("ratios: medians over processes (alternating order); spread: (max-min)/median of"
                " the per-process medians; % bw: minimal bytes of a step / time / triad bandwidth;"

@@ -415,3 +415,29 @@ def test_two_processes_with_zero1_state_hold_half_each_and_agree_with_one(tmp_pa
   for r in (r0, r1):
     lo = int(r["state_nu_w_start"])
     np.testing.assert_allclose(r["state_nu_w_slice"], state.nu["w"][lo : lo + d // 2], rtol=1e-5, atol=1e-7)
+
+
+@needs_8
+def test_bench_scale_out_case_measures_an_eighth_of_the_state_per_device():
+  from rmsprop_jax import bench
+
+  out = bench.run_case("scale_out", "zero1", quick=True)
+  assert out["time_s"] > 0 and out["n_devices"] == 8
+  assert out["state_bytes_per_device"] < out["state_bytes"] / 4  # small leaves stay whole
+  by = out["by_devices"]
+  for name, per in by["zero1"].items():
+    assert per["1"] == by["replicated"][name]
+    assert per["8"] < per["4"] < per["2"] < per["1"]
+  fake = {
+    "bandwidth_Bps": 40e9,
+    "cases": {
+      "scale_out": {
+        impl: [{**out, "time_s": t, "state_bytes_per_device": b}]
+        for impl, t, b in (("replicated", 0.02, 800), ("zero1", 0.01, 100))
+      }
+    },
+  }
+  (row,) = bench.summarize(fake)
+  assert row["ratio_zero1_vs_replicated"] == 0.5 and row["state_bytes_ratio"] == 0.125
+  text = bench.format_table([row], fake)
+  assert "zero1 / replicated: step time 0.50, state bytes per device 0.125" in text
