@@ -1,0 +1,89 @@
+"""Sphinx configuration: MyST pages, the notebooks as stored, the API from the docstrings.
+
+Build (see the README): ``sphinx-build -W -b html docs docs/_build/html``.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # document the checkout being built, whatever is installed
+
+import rmsprop_jax  # noqa: E402
+
+project = "rmsprop_jax"
+author = "rmsprop_jax developers"
+copyright = "the rmsprop_jax developers"
+release = version = rmsprop_jax.__version__
+
+extensions = [
+  "myst_nb",  # Markdown pages (MyST) and notebooks
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",  # Google-style Args / Returns / Example sections
+  "sphinx.ext.mathjax",
+]
+
+root_doc = "index"
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+templates_path = ["_templates"]
+
+# Pages: Markdown with $math$ (the notebooks' cells use it) and ::: fences.
+myst_enable_extensions = ["dollarmath", "colon_fence"]
+myst_heading_anchors = 3
+
+# Notebooks: CI executes them (pytest --nbmake); the site shows the outputs stored in them.
+nb_execution_mode = "off"
+# notebooks/*.ipynb are mirrored here at build time (see _mirror_notebooks): a Sphinx source
+# must lie under docs/, and the notebooks stay where CI runs them, in one copy under git.
+NOTEBOOKS = "_collections/notebooks"
+
+# Reference pages: one per public name, generated from the docstrings (docs/api.md lists the
+# names; tests/test_docs.py fails when a public name is missing there).
+autosummary_generate = True
+autodoc_typehints = "signature"
+autodoc_member_order = "bysource"
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+
+suppress_warnings = [
+  # The only warning of this category: a heading level skipped. Pages show README sections
+  # one level up (docs/porting.md's "#" title stands for the README's "## Porting ..."), so a
+  # "###" subsection of such a section lands two levels under the page's title. MyST's
+  # include has no negative heading-offset. A skipped level only changes a heading's font
+  # size; the table of contents nests by order all the same.
+  "myst.header",
+]
+
+html_theme = "sphinx_book_theme"
+html_title = "rmsprop_jax"
+html_theme_options = {
+  "show_toc_level": 2,
+  "navigation_with_keys": False,
+}
+
+
+def _mirror_notebooks(app) -> None:
+  """Copy notebooks/*.ipynb to docs/_collections/notebooks (git-ignored), as optax does.
+
+  ``copy2`` keeps the modification times, so an incremental build re-reads only the
+  notebooks that changed; the folder is emptied first, so a removed notebook goes too.
+  """
+  dst = Path(app.srcdir) / NOTEBOOKS
+  shutil.rmtree(dst, ignore_errors=True)
+  dst.mkdir(parents=True)
+  for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    shutil.copy2(nb, dst / nb.name)
+
+
+def _clear_api_stubs(app, config) -> None:
+  """Start autosummary from an empty docs/_autosummary: a stub left by a name since taken off
+  docs/api.md would be a page in no table of contents, a warning under -W."""
+  shutil.rmtree(Path(app.srcdir) / "_autosummary", ignore_errors=True)
+
+
+def setup(app):
+  app.connect("config-inited", _clear_api_stubs)  # before autosummary writes the stubs
+  app.connect("builder-inited", _mirror_notebooks)
