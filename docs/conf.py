@@ -42,7 +42,10 @@ NOTEBOOKS = "_collections/notebooks"
 # Reference pages: one per public name, generated from the docstrings (docs/api.md lists the
 # names; tests/test_docs.py fails when a public name is missing there).
 autosummary_generate = True
-autodoc_typehints = "signature"
+# Signatures without annotations: optax's and jax's aliases (ScalarOrSchedule, ArrayLike) expand
+# into unions of a dozen types that bury the arguments; each Args entry says what it accepts.
+autodoc_typehints = "none"
+autodoc_preserve_defaults = True  # defaults as written in the source, not their repr
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
