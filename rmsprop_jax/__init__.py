@@ -7,9 +7,10 @@ Public API:
 - :class:`RMSPropState`: the state (``count``, ``nu``, ``mu``, ``trace``).
 - :mod:`presets`: ``pytorch``, ``keras``, ``tf1`` and ``optax`` flavours.
 - :func:`effective_learning_rate` and :mod:`diagnostics`: inspect a state.
+- :mod:`interop`: optimizer state from and to PyTorch and Keras.
 """
 
-from rmsprop_jax import diagnostics, presets
+from rmsprop_jax import diagnostics, interop, presets
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
 from rmsprop_jax.sharding import state_shardings
@@ -21,6 +22,7 @@ __all__ = [
     "RMSPropState",
     "diagnostics",
     "effective_learning_rate",
+    "interop",
     "presets",
     "rmsprop",
     "scale_by_rms",
