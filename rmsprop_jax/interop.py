@@ -171,7 +171,9 @@ def _fill(state: Any, slots: Sequence[_Slots], count: int) -> Any:
   return jax.tree.map(lambda x: fill_one(x) if _is_rms(x) else x, state, is_leaf=_is_rms)
 
 
-def _init_state(opt: optax.GradientTransformation, leaves: list[jax.Array], treedef: Any, slots, count):
+def _init_state(
+  opt: optax.GradientTransformation, leaves: list[jax.Array], treedef: Any, slots: list[_Slots], count: int
+) -> optax.OptState:
   return _fill(opt.init(jax.tree.unflatten(treedef, leaves)), slots, count)
 
 
@@ -224,7 +226,7 @@ def _read(opt: optax.GradientTransformation, state: Any) -> _Read:
   return _Read(slots, counts)
 
 
-def _check_belongs(opt, state, treedef, slots) -> None:
+def _check_belongs(opt: optax.GradientTransformation, state: Any, treedef: Any, slots: list[_Slots]) -> None:
   """``state`` has the structure ``opt.init`` gives for params shaped like it."""
   like = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s.nu.shape, jnp.float32) for s in slots])
   expected = jax.tree.structure(jax.eval_shape(opt.init, like))
@@ -244,18 +246,22 @@ def _lr_value(lr: Any, count: int) -> float:
   return float(lr(jnp.asarray(count, jnp.int32))) if callable(lr) else float(lr)
 
 
-def _check_lr(given: Any, count: int, current: float, where: str, name: str) -> None:
-  """``given`` (a float or schedule) continues with the framework's current lr."""
+def _check_lr(given: Any, count: int, current: float, where: str) -> None:
+  """``given`` (a float or schedule) goes on at the framework's current lr."""
   value = _lr_value(given, count)
-  if not np.isclose(value, current, rtol=_LR_RTOL, atol=0.0):
-    at = f"learning_rate({count})" if callable(given) else "learning_rate"
-    raise ValueError(
-      f"{at} is {value:.6g}, but {where} is {current:.6g}: the port would"
-      " not continue the run. A schedule is called with the number of steps"
-      f" taken ({count} here), so write it for the whole run (or shift it:"
-      f" lambda n: schedule(n - offset)); to change the learning rate on"
-      f" purpose, set {name} in the framework first"
+  if np.isclose(value, current, rtol=_LR_RTOL, atol=0.0):
+    return
+  hint = ""
+  if callable(given):
+    hint = (
+      f" A schedule is called with the number of steps taken ({count} here): write it"
+      " for the whole run, or shift it (lambda n: schedule(n - offset))."
     )
+  raise ValueError(
+    f"learning_rate{f'({count})' if callable(given) else ''} is {value:.6g}, but {where} is"
+    f" {current:.6g}, so the port would not continue the run.{hint} To change the"
+    f" learning rate on purpose, set {where} first."
+  )
 
 
 def _per_group(learning_rate: LearningRate, n_groups: int) -> list[Any]:
@@ -353,7 +359,7 @@ def _torch_groups(view: _TorchView, learning_rate: LearningRate, count: int) -> 
     if lr is None:
       lr = current
     else:
-      _check_lr(lr, count, current, where, where)
+      _check_lr(lr, count, current, where)
     g = _Group(
       tuple((k, group[k]) for k in _TORCH_KEYS),
       _hashable_lr(lr),
@@ -621,7 +627,7 @@ def _keras_excluded(optimizer: Any, n: int) -> list[bool]:
 def _keras_learning_rate(keras: Any, optimizer: Any, learning_rate: Any, count: int) -> Any:
   current = float(np.asarray(optimizer.learning_rate))
   if learning_rate is not None:
-    _check_lr(learning_rate, count, current, "the Keras optimizer's learning_rate", "optimizer.learning_rate")
+    _check_lr(learning_rate, count, current, "optimizer.learning_rate")
     return _hashable_lr(learning_rate)
   schedule = optimizer._learning_rate  # Keras has no public accessor for it
   if not callable(schedule) or isinstance(schedule, keras.Variable):
@@ -706,7 +712,8 @@ def from_keras(
   becomes the preset's schedule and continues exactly. Parameters that
   ``exclude_from_weight_decay`` exempts get a preset without weight decay
   (an ``optax.multi_transform`` with labels ``"weight_decay"`` and
-  ``"no_weight_decay"``).
+  ``"no_weight_decay"``). ``loss_scale_factor`` only unscales the gradients
+  Keras receives: feed ``opt`` the gradients of the unscaled loss.
 
   Args:
     optimizer: a ``keras.optimizers.RMSprop`` (built or not; an unbuilt one
