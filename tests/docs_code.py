@@ -7,8 +7,9 @@ A page runs like one script, top to bottom, in a fresh module that starts with
 - a `````pycon`` block is a doctest (``>>>`` lines and the output they print,
   checked with ELLIPSIS and NORMALIZE_WHITESPACE; round printed floats);
 - a README range that the page shows with ``{include}`` runs where it is shown;
-- other fences (`````bash``, `````text``, and `````{code-block} python`` for
-  code that cannot run in a test, such as a multi-host launch) are not run.
+- other fences (`````bash``, `````text``) are not run, and neither is a block
+  right under a ``<!-- not run: REASON -->`` line (invisible on GitHub and on
+  the site), for a fragment such as a port from a torch model and optimizer.
 
 Tracebacks name the Markdown file and line of the failing code.
 """
@@ -30,6 +31,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 _FENCE = re.compile(r"^(`{3,}|~{3,})\s*(\S*)\s*(.*?)\s*$")
 _SECTION = re.compile(r"^## +(.+?)\s*$")
 _OPTION = re.compile(r"^:([\w-]+):\s*(.*?)\s*$")
+_NOT_RUN = re.compile(r"^\s*<!--\s*not run\b")
 RUN = ("python", "pycon")
 
 
@@ -80,7 +82,8 @@ def _parse(text: str, path: Path, first_line: int, section: str, sections: bool)
     mark, lang, arg = fence.groups()
     end = _closing(lines, i + 1, mark)
     body = lines[i + 1 : end]
-    if lang in RUN:
+    above = next((line for line in reversed(lines[:i]) if line.strip()), "")
+    if lang in RUN and not _NOT_RUN.match(above):
       out.append(Block(path, first_line + i + 1, lang, "\n".join(body) + "\n", section))
     elif lang == "{include}":
       out += _included(path, arg, body, section)
