@@ -6,19 +6,19 @@ first steps after the port are too large. :func:`from_torch` and
 :func:`from_keras` carry the state across; :func:`to_torch` and
 :func:`to_keras` carry it back. The state maps one to one:
 
-=====================  ==========================  ===========================
-:class:`RMSPropState`  ``torch.optim.RMSprop``     ``keras.optimizers.RMSprop``
-=====================  ==========================  ===========================
-``count``              ``step`` (per parameter)    ``iterations``
-``nu``                 ``square_avg``              ``velocity``
-``mu`` (centered)      ``grad_avg``                ``average_gradient``
-``trace`` (momentum)   ``momentum_buffer``         ``-momentum``
-=====================  ==========================  ===========================
+==================================  =========================  ============================
+:class:`~rmsprop_jax.RMSPropState`  ``torch.optim.RMSprop``    ``keras.optimizers.RMSprop``
+==================================  =========================  ============================
+``count``                           ``step`` (per parameter)   ``iterations``
+``nu``                              ``square_avg``             ``velocity``
+``mu`` (centered)                   ``grad_avg``               ``average_gradient``
+``trace`` (momentum)                ``momentum_buffer``        ``-momentum``
+==================================  =========================  ============================
 
-Both buffers hold what our presets hold: torch's the unscaled steps
-``g / (sqrt(v) + eps)`` (the learning rate multiplies its output), Keras's the
-learning-rate-scaled steps it subtracts, ours the same steps as updates (hence
-the sign).
+Each buffer holds what the matching preset's ``trace`` holds: torch's the
+unscaled steps ``g / (sqrt(v) + eps)`` (the learning rate multiplies its
+output), Keras's the learning-rate-scaled steps it subtracts from the weights.
+``trace`` holds steps as updates, to be added: hence Keras's sign.
 
 The parameters are matched by position: the leaves of ``params`` in
 ``jax.tree.leaves`` order are the framework's parameters in its order (torch:
@@ -504,7 +504,7 @@ def to_torch(opt: optax.GradientTransformation, state: optax.OptState, optimizer
     opt: the optimizer ``state`` belongs to (what :func:`from_torch`
       returned, or any optimizer built from presets); used to check that
       ``state`` is its state.
-    state: an :class:`RMSPropState`, or a state containing one or several
+    state: an :class:`~rmsprop_jax.RMSPropState`, or a state containing one or several
       (``optax.chain``, ``optax.multi_transform``, ...), whose parameters in
       ``jax.tree.leaves`` order are the torch parameters in param-group order.
     optimizer: the ``torch.optim.RMSprop`` to load into; its groups' momentum
@@ -777,11 +777,12 @@ def to_keras(opt: optax.GradientTransformation, state: optax.OptState, optimizer
     opt: the optimizer ``state`` belongs to (what :func:`from_keras`
       returned, or any optimizer built from presets); used to check that
       ``state`` is its state.
-    state: an :class:`RMSPropState`, or a state containing one or several,
+    state: an :class:`~rmsprop_jax.RMSPropState`, or a state containing one or several,
       whose parameters in ``jax.tree.leaves`` order are the optimizer's
       variables in order; all with one count (Keras keeps one).
-    optimizer: a built ``keras.optimizers.RMSprop`` (``optimizer.build(
-      variables)``) whose momentum and centered settings match the state.
+    optimizer: a built ``keras.optimizers.RMSprop`` (trained, or
+      ``optimizer.build(variables)``) whose momentum and centered settings
+      match the state.
 
   Raises:
     TypeError: ``optimizer`` is not a Keras RMSprop.
