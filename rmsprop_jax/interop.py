@@ -399,8 +399,9 @@ def _check_count_irrelevant(groups: list[_Group], steps: list[int | None], count
     ]
     if any(not np.array_equal(probe[0], q) for q in probe[1:]):
       raise ValueError(
-        f"the parameters' step counts differ (param_groups[{gi}] has {own}, others"
-        f" {count}); RMSPropState keeps one count and this optimizer's update depends on it"
+        f"the parameters' step counts differ (param_groups[{gi}] has parameters at steps"
+        f" {own}, the maximum is {count}); RMSPropState keeps one count, and this"
+        " optimizer's update depends on it, so the port would not continue the run"
       )
 
 

@@ -222,7 +222,10 @@ def test_differing_counts_are_refused_when_the_update_depends_on_the_count(monke
     lr, alpha, eps, eps_in_sqrt=False, bias_correction=True
   )
   monkeypatch.setattr(presets, "pytorch", biased)
-  with pytest.raises(ValueError, match=r"step counts differ \(param_groups\[0\] has \[4\], others 7\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"step counts differ \(param_groups\[0\] has parameters at steps \[4\], the maximum is 7\)",
+  ):
     interop.from_torch(theirs.opt, theirs.params)
 
 
