@@ -5,9 +5,9 @@ Public API:
 - :func:`rmsprop`: the optimizer (``optax.rmsprop``'s numbers by default).
 - :func:`scale_by_rms`: its learning-rate-free half.
 - :class:`RMSPropState`: the state (``count``, ``nu``, ``mu``, ``trace``).
-- :mod:`presets`: ``pytorch``, ``keras``, ``tf1`` and ``optax`` flavours.
-- :func:`effective_learning_rate` and :mod:`diagnostics`: inspect a state.
-- :mod:`interop`: optimizer state from and to PyTorch and Keras.
+- :mod:`~rmsprop_jax.presets`: ``pytorch``, ``keras``, ``tf1`` and ``optax`` flavours.
+- :func:`effective_learning_rate` and :mod:`~rmsprop_jax.diagnostics`: inspect a state.
+- :mod:`~rmsprop_jax.interop`: optimizer state from and to PyTorch and Keras.
 """
 
 from rmsprop_jax import diagnostics, interop, presets

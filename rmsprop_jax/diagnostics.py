@@ -16,20 +16,18 @@ from rmsprop_jax.transform import (
   settings_of,
 )
 
-_UNSET: Any = object()
-
-
 def find_state(state: Any) -> RMSPropState:
-  """The one :class:`RMSPropState` inside ``state``.
+  """The one :class:`~rmsprop_jax.RMSPropState` inside ``state``.
 
   Works on our own state and on states that wrap it (``optax.chain``,
   ``optax.inject_hyperparams``, ``optax.MultiSteps``, ...).
 
   Args:
-    state: an optimizer state containing exactly one :class:`RMSPropState`.
+    state: an optimizer state containing exactly one
+      :class:`~rmsprop_jax.RMSPropState`.
 
   Returns:
-    That :class:`RMSPropState`.
+    That :class:`~rmsprop_jax.RMSPropState`.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -48,9 +46,9 @@ def find_state(state: Any) -> RMSPropState:
 def effective_learning_rate(
   state: Any,
   opt: Any,
-  eps: jax.typing.ArrayLike = _UNSET,
+  eps: jax.typing.ArrayLike | None = None,
   *,
-  eps_in_sqrt: bool = _UNSET,
+  eps_in_sqrt: bool | None = None,
 ) -> optax.Updates:
   r"""The per-parameter step size of the last update, ``lr / sqrt(nu + eps)``.
 
@@ -77,9 +75,9 @@ def effective_learning_rate(
     state: an :class:`RMSPropState`, or any optimizer state containing one.
     opt: the optimizer that produced ``state``; or a learning rate (float or
       schedule, evaluated at the count of the last step, ``count - 1``).
-    eps: only with a learning rate: the eps used (default 1e-8).
+    eps: only with a learning rate: the eps used (None means 1e-8).
     eps_in_sqrt: only with a learning rate: whether eps was inside the root
-      (default True).
+      (None means True).
 
   Returns:
     A tree like the params with the effective learning rate of each entry.
@@ -95,7 +93,7 @@ def effective_learning_rate(
   st = find_state(state)
   settings = settings_of(opt)
   if settings is not None:
-    if eps is not _UNSET or eps_in_sqrt is not _UNSET:
+    if eps is not None or eps_in_sqrt is not None:
       raise TypeError(
         "effective_learning_rate(state, opt) takes eps and eps_in_sqrt from opt;"
         " pass them only with a learning rate"
@@ -108,10 +106,10 @@ def effective_learning_rate(
       " scale_by_rms or a preset), or a learning rate; got another transformation"
     )
   _checks.check_learning_rate("learning_rate", opt)
-  eps = 1e-8 if eps is _UNSET else eps
+  eps = 1e-8 if eps is None else eps
   _checks.check_scalar("eps", eps, 0.0)
   cfg = Config(
-    eps_in_sqrt=True if eps_in_sqrt is _UNSET else eps_in_sqrt,
+    eps_in_sqrt=True if eps_in_sqrt is None else eps_in_sqrt,
     centered=st.mu is not None,
     safe_divide=True,
   )

@@ -4,16 +4,16 @@ Each preset takes the argument names and defaults of one framework's RMSProp,
 validates them under those names, and maps them onto options of the one core
 transformation; none re-implements the math.
 
-======================  ============  ===========  ===============  ==========
-                        PyTorch       Keras 3      TF1              optax
-======================  ============  ===========  ===============  ==========
-decay name / default    alpha 0.99    rho 0.9      decay 0.9        decay 0.9
-eps name / default      eps 1e-8      epsilon 1e-7 epsilon 1e-10    eps 1e-8
-eps placement           sqrt(v)+eps   sqrt(v+eps)  sqrt(v+eps)      sqrt(v+eps)
-initial mean square     0             0            1                0
-learning rate vs buffer after         inside       inside           inside
-weight decay            coupled (L2)  decoupled    none             none
-======================  ============  ===========  ===============  ==========
+=======================  ============  ============  ===============  ===========
+                         PyTorch       Keras 3       TF1              optax
+=======================  ============  ============  ===============  ===========
+decay name / default     alpha 0.99    rho 0.9       decay 0.9        decay 0.9
+eps name / default       eps 1e-8      epsilon 1e-7  epsilon 1e-10    eps 1e-8
+eps placement            sqrt(v)+eps   sqrt(v+eps)   sqrt(v+eps)      sqrt(v+eps)
+initial mean square      0             0             1                0
+learning rate vs buffer  after         inside        inside           inside
+weight decay             coupled (L2)  decoupled     none             none
+=======================  ============  ============  ===============  ===========
 """
 
 from __future__ import annotations
