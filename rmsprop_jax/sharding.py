@@ -197,30 +197,39 @@ def _is_empty(node: Any) -> bool:
   return not jax.tree_util.tree_leaves(node)
 
 
-def _fits(sub: Any, shape: tuple[int, ...]) -> bool | None:
-  """Whether ``sub`` is a parameter's slot in a state tree: True, False or None (empty).
+def _slot_kind(sub: Any, shape: tuple[int, ...]) -> str:
+  """What ``sub``, at a parameter's position in a state tree, holds for that parameter.
 
-  A slot is an array of the parameter's shape, or a node of arrays (such as
-  quantized codes and their scales) of which one has the parameter's shape.
+  "param": an array of the parameter's shape, or a node of arrays of which
+  one has it (e.g. quantized codes and their per-block scales); "other": an
+  array or node of arrays of other shapes (e.g. a factored moment's
+  placeholder); "empty": no arrays (None, ``optax.MaskedNode``); "deep":
+  nested nodes, so this is not a per-parameter slot at all.
   """
   if _is_array(sub):
-    return tuple(sub.shape) == shape
+    return "param" if tuple(sub.shape) == shape else "other"
   if _is_empty(sub):
-    return None
+    return "empty"
   kids, _ = _children(sub)
   if not all(_is_array(k) or _is_empty(k) for k in kids):
-    return False
-  return any(_is_array(k) and tuple(k.shape) == shape for k in kids)
+    return "deep"
+  return "param" if any(_is_array(k) and tuple(k.shape) == shape for k in kids) else "other"
 
 
 def _match(node: Any, p_treedef: Any, p_info: list[tuple[tuple[int, ...], _Spec]]) -> list[Any] | None:
-  """The parameter slots of ``node`` if it is a copy of the parameter tree, else None."""
+  """The parameter slots of ``node`` if it is a copy of the parameter tree, else None.
+
+  A copy has the params' tree structure down to the parameters, one slot per
+  parameter, at least one of which holds a param-shaped array. Requiring
+  shallow slots keeps a chain's tuple of states from passing for a tuple of
+  params.
+  """
   try:
     subs = p_treedef.flatten_up_to(node)
   except (ValueError, TypeError):
     return None
-  fits = [_fits(sub, shape) for sub, (shape, _) in zip(subs, p_info)]
-  if any(f is False for f in fits) or not any(fits):
+  kinds = [_slot_kind(sub, shape) for sub, (shape, _) in zip(subs, p_info)]
+  if "deep" in kinds or "param" not in kinds:
     return None
   return subs
 

@@ -441,3 +441,16 @@ def test_bench_scale_out_case_measures_an_eighth_of_the_state_per_device():
   assert row["ratio_zero1_vs_replicated"] == 0.5 and row["state_bytes_ratio"] == 0.125
   text = bench.format_table([row], fake)
   assert "zero1 / replicated: step time 0.50, state bytes per device 0.125" in text
+
+
+@needs_8
+def test_a_factored_optimizer_keeps_the_param_spec_where_a_moment_is_param_shaped():
+  mesh = _mesh((4, 2), ("data", "model"))
+  params = {
+    "big": jax.device_put(jnp.zeros((256, 256)), NamedSharding(mesh, P(None, "model"))),
+    "vec": jax.device_put(jnp.zeros(512), NamedSharding(mesh, P("model"))),
+  }
+  factored = rmsprop_jax.state_shardings(optax.adafactor(1e-3), params, mesh, min_size=0)[0]
+  assert factored.v["vec"].spec == P("model")  # a full moment: the param's spec, no free dim for data
+  assert factored.v["big"].spec == P()  # a (1,) placeholder: replicated
+  assert factored.v_row["big"].spec == P("data")  # a factor: its own shape, split over data
