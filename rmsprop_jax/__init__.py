@@ -8,6 +8,7 @@ Public API:
 - :mod:`~rmsprop_jax.presets`: ``pytorch``, ``keras``, ``tf1`` and ``optax`` flavours.
 - :func:`effective_learning_rate` and :mod:`~rmsprop_jax.diagnostics`: inspect a state.
 - :mod:`~rmsprop_jax.interop`: optimizer state from and to PyTorch and Keras.
+- :func:`state_shardings`: the optimizer state split over the data-parallel devices (ZeRO-1).
 """
 
 from rmsprop_jax import diagnostics, interop, presets
