@@ -1,0 +1,656 @@
+"""Low-precision optimizer state: stochastic rounding and 8-bit block codes.
+
+Building blocks for storing an optimizer's state narrower than it is computed,
+written to be traced inside a fused per-leaf update (``lax`` primitives,
+static Python ints for leaf indices, no PRNG key in the state):
+
+* :func:`random_bits`: counter-based random bits, a hash of ``(seed, count,
+  leaf_index, element index)``. The same bits eager, under ``jit``, under
+  ``vmap`` and however the array is sharded.
+* :func:`round_to`: float32 to bfloat16/float16, to nearest or stochastically
+  (unbiased: the expected stored value is the float32 value).
+* :func:`quantize` / :func:`dequantize`: 8-bit codes with one float32 scale
+  per block of :data:`BLOCK_SIZE` values, for the code maps in :data:`CODES`,
+  rounded to nearest or stochastically (unbiased in the value domain).
+* :func:`block_absmax`, :func:`expand_blocks`, :func:`scale_shape`: the block
+  layout, for updates that compute their own scale (e.g. an upper bound).
+
+Block layout. For an array of shape ``(d0, d1, ..., dn)`` with
+``T = d1 * ... * dn >= 256`` elements per leading index ("row"), each row is
+cut into ``ceil(T / 256)`` blocks of 256 consecutive (row-major) elements, the
+last one shorter when ``T`` is not a multiple of 256; the scale has shape
+``(d0, ceil(T / 256))``. Blocks never straddle rows, so an array sharded over
+its first dimension quantizes without communication, and its scale shards the
+same way. 1-D arrays, and arrays with fewer than 256 elements per row, are
+cut into blocks of 256 consecutive elements of the flattened array (the last
+one shorter); the scale has shape ``(ceil(size / 256),)``. Codes always keep
+the array's shape. Scalars are not quantized.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+BLOCK_SIZE = 256
+"""Values per block, each block sharing one float32 scale (as bitsandbytes)."""
+
+MIN_QUANTIZE_SIZE = 4096
+"""Leaves with fewer elements are better left unquantized (the scale and the
+extra work cost more than the bytes saved)."""
+
+CODES = ("float", "dynamic", "sqrt", "linear")
+"""Code maps: ``"float"`` (an 8-bit float of the block-relative value, with
+4 exponent bits; ``"float_e3"`` and ``"float_e5"`` choose 3 or 5), bitsandbytes'
+``"dynamic"`` tree map, ``"sqrt"`` (the square root of the value, linearly)
+and ``"linear"``. See :func:`code_values`."""
+
+DEFAULT_CODE = "float"
+
+_LANES = 8  # width of the partial maxima in block_absmax (one AVX register)
+
+
+# ---------------------------------------------------------------------------
+# Counter-based random bits.
+# ---------------------------------------------------------------------------
+
+
+def _u32(v: int) -> np.uint32:
+  return np.uint32(v & 0xFFFFFFFF)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A bijective 32-bit finalizer with full avalanche ("lowbias32", Wellons)."""
+  x = lax.bitwise_xor(x, lax.shift_right_logical(x, _u32(16)))
+  x = lax.mul(x, _u32(0x7FEB352D))
+  x = lax.bitwise_xor(x, lax.shift_right_logical(x, _u32(15)))
+  x = lax.mul(x, _u32(0x846CA68B))
+  return lax.bitwise_xor(x, lax.shift_right_logical(x, _u32(16)))
+
+
+def _as_u32(v: jax.typing.ArrayLike) -> jax.Array:
+  if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    return jnp.asarray(_u32(int(v)))
+  v = jnp.asarray(v)
+  if v.shape:
+    raise ValueError(f"seed and count must be scalars, got shape {v.shape}")
+  if not jnp.issubdtype(v.dtype, jnp.integer):
+    raise TypeError(f"seed and count must be integers, got dtype {v.dtype}")
+  return lax.convert_element_type(v, jnp.uint32)
+
+
+def _global_index(shape: tuple[int, ...]) -> jax.Array:
+  """Each element's row-major index in the whole array (mod 2**32), as uint32.
+
+  Built from ``broadcasted_iota`` along each dimension, so under a sharded
+  ``jit`` every shard computes its own elements' global indices.
+  """
+  if not shape:
+    return jnp.zeros((), jnp.uint32)
+  idx = None
+  stride = 1
+  for d in reversed(range(len(shape))):
+    term = lax.broadcasted_iota(jnp.uint32, shape, d)
+    if stride != 1:
+      term = lax.mul(term, _u32(stride))
+    idx = term if idx is None else lax.add(idx, term)
+    stride *= shape[d]
+  return idx
+
+
+def random_bits(
+  seed: jax.typing.ArrayLike,
+  count: jax.typing.ArrayLike,
+  leaf_index: int,
+  shape: Sequence[int],
+) -> jax.Array:
+  r"""Uniform random uint32 bits, a hash of step, leaf and element index.
+
+  .. math::
+
+    \text{bits}[i] = h\big(i \oplus k\big), \qquad
+    k = h\big(h(h(\text{seed} + c_1) \oplus \text{count}) + c_2\,\text{leaf}\big)
+
+  where :math:`i` is the element's row-major index in the whole array and
+  :math:`h` a bijective 32-bit integer finalizer (two multiplies, three
+  xor-shifts). Nothing is kept in the optimizer state: the bits are a pure
+  function of their arguments, the same eager, under ``jit``, under ``vmap``
+  (``seed`` or ``count`` may be batched) and however the array is sharded.
+
+  Args:
+    seed: integer scalar (a Python int, array or tracer), the stream's seed.
+    count: integer scalar, e.g. the optimizer's step count.
+    leaf_index: static Python int telling the state leaves apart; give each
+      leaf (and each of ``nu``, ``mu``, ``trace`` of a parameter) its own.
+    shape: the shape of the array to round.
+
+  Returns:
+    A uint32 array of ``shape``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax.quantize import random_bits
+    >>> a = random_bits(0, jnp.int32(3), 0, (2, 3))
+    >>> a.dtype, a.shape
+    (dtype('uint32'), (2, 3))
+    >>> bool((a == random_bits(0, 3, 0, (2, 3))).all())
+    True
+    >>> bool((a == random_bits(0, 4, 0, (2, 3))).any())
+    False
+  """
+  shape = tuple(int(d) for d in shape)
+  k = _mix32(lax.add(_as_u32(seed), _u32(0x9E3779B9)))
+  k = _mix32(lax.bitwise_xor(k, _as_u32(count)))
+  k = _mix32(lax.add(k, _u32(0x85EBCA6B * (int(leaf_index) + 1))))
+  idx = _global_index(shape)
+  return _mix32(lax.bitwise_xor(idx, lax.broadcast(k, shape)))
+
+
+def _check_bits(bits: jax.Array, shape: tuple[int, ...]) -> None:
+  if bits.shape != shape or bits.dtype != jnp.uint32:
+    raise ValueError(
+      f"bits must be a uint32 array of the value's shape {shape}, got {bits.dtype}{list(bits.shape)}"
+    )
+
+
+def _uniform24(bits: jax.Array) -> jax.Array:
+  """The top 24 bits as a float32 in [0, 1) (exact: multiples of 2**-24)."""
+  top = lax.convert_element_type(lax.shift_right_logical(bits, _u32(8)), jnp.float32)
+  return lax.mul(top, np.float32(2.0**-24))
+
+
+# ---------------------------------------------------------------------------
+# Rounding float32 to a narrower float.
+# ---------------------------------------------------------------------------
+
+
+def round_to(x: jax.Array, dtype: Any, bits: jax.Array | None = None) -> jax.Array:
+  r"""Rounds float32 ``x`` to ``dtype``: to nearest, or stochastically.
+
+  Stochastic rounding returns one of the two ``dtype`` values that bracket
+  ``x``, the upper one with probability proportional to the distance from the
+  lower one, so the result is unbiased:
+
+  .. math::
+
+    \mathbb{E}[\operatorname{round}(x)] = x, \qquad
+    P(\text{up}) = \frac{x - \lfloor x \rfloor}{\lceil x \rceil - \lfloor x \rfloor}
+
+  This holds exactly for every finite ``x`` within ``dtype``'s range,
+  subnormals and negative values included (for bfloat16: add random low 16
+  bits to the float32 pattern and truncate; float16 drops as many bits as its
+  exponent needs, and below its smallest subnormal compares 32 random bits,
+  which leaves an error below :math:`2^{-56}`). Values beyond the largest
+  finite value, infinities and NaN round to nearest, as the cast does. An
+  exponential moving average stored this way keeps every increment in
+  expectation, where rounding to nearest throws away any increment smaller
+  than half a unit in the last place of the stored value.
+
+  Args:
+    x: a float array (computed in float32).
+    dtype: the storage dtype, e.g. ``jnp.bfloat16`` or ``jnp.float16``. A
+      dtype at least as wide as float32 is a plain cast.
+    bits: None to round to nearest (even), else uint32 random bits of ``x``'s
+      shape, e.g. from :func:`random_bits`.
+
+  Returns:
+    ``x`` rounded to ``dtype``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax.quantize import round_to
+    >>> x = jnp.full((4096,), 1 + 2.0**-9, jnp.float32)  # a quarter ulp above 1
+    >>> round_to(x, jnp.bfloat16)[0]  # nearest: the increment is lost
+    Array(1, dtype=bfloat16)
+    >>> bits = jnp.arange(4096, dtype=jnp.uint32) * 16  # evenly spread low bits
+    >>> r = round_to(x, jnp.bfloat16, bits).astype(jnp.float32)
+    >>> float(r.mean()) == 1 + 2.0**-9  # stochastic: exact on average
+    True
+
+  References:
+    Forsythe, "Round-off errors in numerical integration on automatic
+    machinery", 1950; Gupta et al., "Deep Learning with Limited Numerical
+    Precision", 2015; Connolly, Higham and Mary, "Stochastic Rounding and Its
+    Probabilistic Backward Error Analysis", 2021.
+  """
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
+  if jnp.finfo(dtype).bits >= 32 or bits is None:
+    return x.astype(dtype)
+  x = x.astype(jnp.float32)
+  _check_bits(bits, x.shape)
+  info = jnp.finfo(dtype)
+  nmant, minexp, fmax = int(info.nmant), int(info.minexp), float(info.max)
+  if nmant >= 23:
+    raise TypeError(f"cannot round float32 to {dtype}: it is not narrower")
+  xb = lax.bitcast_convert_type(x, jnp.uint32)
+  if minexp <= -126:  # bfloat16-like: float32's exponent range, a fixed cut
+    low = _u32((1 << (23 - nmant)) - 1)
+    rb = lax.bitwise_and(lax.add(xb, lax.bitwise_and(bits, low)), lax.bitwise_not(low))
+    stoch = lax.bitcast_convert_type(rb, jnp.float32)
+  else:
+    stoch = _round_bits_variable(x, xb, bits, nmant, minexp)
+  finite = lax.le(lax.abs(x), np.float32(fmax))  # False for inf and NaN
+  return lax.convert_element_type(lax.select(finite, stoch, x), dtype)
+
+
+def _round_bits_variable(x, xb, bits, nmant: int, minexp: int) -> jax.Array:
+  """Stochastic rounding to a float whose subnormals start inside float32's range."""
+  sign = lax.bitwise_and(xb, _u32(0x80000000))
+  mag = lax.bitwise_and(xb, _u32(0x7FFFFFFF))
+  biased = lax.max(lax.shift_right_logical(mag, _u32(23)), _u32(1))
+  # Bits to drop: 23 - nmant in the normal range, one more per binade below
+  # the target's smallest normal exponent (its subnormal grid is uniform).
+  below = lax.sub(lax.max(biased, _u32(127 + minexp)), biased)
+  drop = lax.min(lax.add(below, _u32(23 - nmant)), _u32(23))
+  low = lax.sub(lax.shift_left(_full(1, mag), drop), _u32(1))
+  rounded = lax.bitwise_and(lax.add(mag, lax.bitwise_and(bits, low)), lax.bitwise_not(low))
+  # Below the smallest subnormal t = 2**(minexp - nmant): t with probability
+  # |x| / t, else 0, from a 32-bit comparison.
+  tiny_exp = minexp - nmant
+  thresh = lax.convert_element_type(lax.mul(lax.abs(x), np.float32(2.0 ** (32 - tiny_exp))), jnp.uint32)
+  tiny_val = lax.select(lax.lt(bits, thresh), _full(_u32((127 + tiny_exp) << 23), mag), _full(_u32(0), mag))
+  is_tiny = lax.lt(mag, _u32((127 + tiny_exp) << 23))
+  out = lax.bitwise_or(lax.select(is_tiny, tiny_val, rounded), sign)
+  return lax.bitcast_convert_type(out, jnp.float32)
+
+
+def _full(value: Any, like: jax.Array) -> jax.Array:
+  value = np.asarray(value, like.dtype)
+  return lax.broadcast(value, like.shape) if like.shape else jnp.asarray(value)
+
+
+# ---------------------------------------------------------------------------
+# Block layout.
+# ---------------------------------------------------------------------------
+
+
+class _Layout(NamedTuple):
+  rows: int  # leading groups: shape[0] (row layout) or 1 (flat layout)
+  length: int  # elements per group
+  blocks: int  # blocks per group
+  flat: bool
+
+  @property
+  def padded(self) -> int:
+    return self.blocks * BLOCK_SIZE
+
+
+@functools.cache
+def _layout(shape: tuple[int, ...]) -> _Layout:
+  if not shape:
+    raise ValueError("scalars are not quantized: give quantize an array of rank >= 1")
+  size = math.prod(shape)
+  if len(shape) >= 2 and shape[0] > 0:
+    row = size // shape[0]
+    if row >= BLOCK_SIZE:
+      return _Layout(shape[0], row, -(-row // BLOCK_SIZE), False)
+  return _Layout(1, size, -(-size // BLOCK_SIZE), True)
+
+
+def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
+  """Shape of the per-block scale of an array of ``shape`` (see the module doc).
+
+  Example:
+    >>> from rmsprop_jax.quantize import scale_shape
+    >>> scale_shape((3, 3, 64, 128)), scale_shape((512, 1000)), scale_shape((1000,))
+    ((3, 96), (512, 4), (4,))
+  """
+  lay = _layout(tuple(int(d) for d in shape))
+  return (lay.blocks,) if lay.flat else (lay.rows, lay.blocks)
+
+
+def _block_view(x: jax.Array, lay: _Layout, fill: Any) -> jax.Array:
+  """``x`` as ``(rows, blocks, BLOCK_SIZE)``, short blocks padded with ``fill``."""
+  v = x.reshape(lay.rows, lay.length)
+  if lay.padded != lay.length:
+    v = lax.pad(v, np.asarray(fill, x.dtype), ((0, 0, 0), (0, lay.padded - lay.length, 0)))
+  return v.reshape(lay.rows, lay.blocks, BLOCK_SIZE)
+
+
+def expand_blocks(per_block: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Broadcasts one value per block (scale-shaped) to every element of ``shape``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax.quantize import expand_blocks
+    >>> e = expand_blocks(jnp.array([1.0, 2.0]), (300,))
+    >>> float(e[255]), float(e[256]), e.shape
+    (1.0, 2.0, (300,))
+  """
+  shape = tuple(int(d) for d in shape)
+  lay = _layout(shape)
+  want = scale_shape(shape)
+  if per_block.shape != want:
+    raise ValueError(f"expected per-block values of shape {want}, got {per_block.shape}")
+  s = per_block.reshape(lay.rows, lay.blocks)
+  e = lax.broadcast_in_dim(s, (lay.rows, lay.blocks, BLOCK_SIZE), (0, 1))
+  e = e.reshape(lay.rows, lay.padded)
+  if lay.padded != lay.length:
+    e = lax.slice(e, (0, 0), (lay.rows, lay.length))
+  return e.reshape(shape)
+
+
+def _select_max(a: jax.Array, b: jax.Array) -> jax.Array:
+  return lax.select(lax.gt(a, b), a, b)
+
+
+def block_absmax(x: jax.Array) -> jax.Array:
+  r"""The largest ``|x|`` of each block, as float32 of :func:`scale_shape`.
+
+  NaN propagates (a block with a NaN has a NaN maximum). Computed on the
+  float32 bit patterns (for non-negative floats their integer order is their
+  numeric order, and NaN's pattern is above infinity's) in two stages: the
+  maximum over 32 strided groups of 8 neighbours, which XLA:CPU vectorizes
+  across the 8 lanes, then over those 8. A plain ``max`` over the last axis of
+  ``(blocks, 256)`` is about 20x slower on XLA:CPU (it reduces a minor axis
+  one element at a time), and a tree of ``maximum`` over halves of the block
+  about 1.5x.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax.quantize import block_absmax
+    >>> block_absmax(jnp.arange(-300.0, 0.0))  # blocks [-300, -45), [-44, 0)
+    Array([300.,  44.], dtype=float32)
+  """
+  lay = _layout(tuple(x.shape))
+  a = lax.bitwise_and(lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32), np.int32(0x7FFFFFFF))
+  v = _block_view(a, lay, 0).reshape(lay.rows, lay.blocks, BLOCK_SIZE // _LANES, _LANES)
+  # A select, not max, in the first stage: XLA would fuse two max reductions
+  # into one over a minor axis (or hand it to a slow library kernel).
+  m = lax.reduce(v, np.int32(0), _select_max, (2,))
+  m = lax.reduce(m, np.int32(0), lax.max, (2,))
+  m = lax.bitcast_convert_type(m, jnp.float32)
+  return m.reshape(scale_shape(x.shape))
+
+
+# ---------------------------------------------------------------------------
+# Code maps.
+# ---------------------------------------------------------------------------
+
+
+class _Map(NamedTuple):
+  kind: str  # "float", "linear", "sqrt", "table"
+  signed: bool
+  top: float  # largest grid value; a code's value is grid / top * scale
+  exp_bits: int = 0
+  man_bits: int = 0
+
+
+def _dynamic_values(signed: bool) -> np.ndarray:
+  """bitsandbytes' dynamic tree map (``create_dynamic_map``), sorted, float64.
+
+  Seven decades, 10**-6 ... 10**0; decade i holds the midpoints of an even
+  split of [0.1, 1] * 10**(i - 6) into 2**(i + 1) parts (2**i per sign when
+  signed), plus 0 and 1.
+  """
+  vals = [0.0, 1.0]
+  for i in range(7):
+    n = 2**i if signed else 2 ** (i + 1)
+    edges = np.linspace(0.1, 1.0, n + 1)
+    mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
+    vals += list(mids) + (list(-mids) if signed else [])
+  vals = np.sort(np.asarray(vals, np.float64))
+  assert vals.size == 256
+  return vals
+
+
+@functools.cache
+def _code_map(code: str, signed: bool) -> _Map:
+  if code == "float" or code.startswith("float_e"):
+    e = 4 if code == "float" else int(code[len("float_e") :])
+    m = (7 if signed else 8) - e
+    if not (2 <= e <= 6 and m >= 1):
+      raise ValueError(f"code {code!r}: exponent bits must be in [2, 6]")
+    emin = -(2**e - 1)
+    top = (2.0 - 2.0**-m) - 2.0**emin
+    return _Map("float", signed, top, e, m)
+  if code == "linear":
+    return _Map("linear", signed, 127.0 if signed else 255.0)
+  if code == "sqrt":
+    return _Map("sqrt", signed, 127.0**2 if signed else 255.0**2)
+  if code == "dynamic":
+    return _Map("table", signed, 1.0)
+  raise ValueError(f"unknown code {code!r}; choose from {CODES} or 'float_eK'")
+
+
+@functools.cache
+def _table(code: str, signed: bool) -> tuple[np.ndarray, int]:
+  """Sorted grid values of a table map and the position of zero."""
+  vals = _dynamic_values(signed) if code == "dynamic" else None
+  if vals is None:
+    raise ValueError(code)
+  return vals.astype(np.float32), int(np.flatnonzero(vals == 0)[0])
+
+
+def code_values(code: str = DEFAULT_CODE, signed: bool = False) -> np.ndarray:
+  """The value of every code, in units of the block's scale (max magnitude 1).
+
+  Entry ``k`` is the value of the code whose bit pattern is ``k`` (for signed
+  codes, the int8 ``k - 256`` when ``k >= 128``). Every map represents 0
+  exactly, as code 0. Signed maps other than ``"dynamic"`` are symmetric and
+  leave int8 -128 unused (its entry is NaN).
+
+  Example:
+    >>> from rmsprop_jax.quantize import code_values
+    >>> v = code_values("float")
+    >>> float(v[0]), float(v[255]), bool((v[1:] > v[:-1]).all())
+    (0.0, 1.0, True)
+    >>> code_values("linear", signed=True)[[0, 1, 127, 129, 255]].round(4)
+    array([ 0.    ,  0.0079,  1.    , -1.    , -0.0079])
+  """
+  cm = _code_map(code, signed)
+  k = np.arange(256)
+  kk = np.where(k >= 128, k - 256, k) if signed else k
+  mag = np.abs(kk).astype(np.float64)
+  sgn = np.sign(kk).astype(np.float64) if signed else np.ones(256)
+  if cm.kind == "table":
+    vals, zero = _table(code, signed)
+    return vals.astype(np.float64)[(kk + zero) % 256]
+  if cm.kind == "float":
+    emin = -(2**cm.exp_bits - 1)
+    e, f = np.floor_divide(mag, 2**cm.man_bits), np.mod(mag, 2**cm.man_bits)
+    grid = 2.0 ** (emin + e) * (1 + f / 2**cm.man_bits) - 2.0**emin
+  elif cm.kind == "linear":
+    grid = mag
+  else:
+    grid = mag**2
+  out = sgn * grid / cm.top
+  if signed:
+    out[128] = np.nan
+  return out
+
+
+def _encode(y: jax.Array, cm: _Map, code: str, bits: jax.Array | None) -> jax.Array:
+  """Codes of ``y`` in grid units (``|y| <= cm.top``).
+
+  Each map ends with a binary operation on two full-size arrays (floor code +
+  carry, or a sign select): XLA then never duplicates the whole quantization
+  into a consumer that dequantizes the new codes (it reads them from memory).
+  """
+  if cm.kind == "table":
+    return _encode_table(y, cm, code, bits)
+  a = lax.abs(y) if cm.signed else lax.max(y, np.float32(0))
+  a = lax.min(a, np.float32(cm.top))
+  if cm.kind == "float":
+    shift = 23 - cm.man_bits
+    emin = -(2**cm.exp_bits - 1)
+    low = _u32((1 << shift) - 1)
+    w = lax.bitcast_convert_type(lax.add(a, np.float32(2.0**emin)), jnp.uint32)
+    base = lax.shift_right_logical(lax.sub(w, _u32((127 + emin) << 23)), _u32(shift))
+    frac = lax.bitwise_and(w, low)
+    r = _u32(1 << (shift - 1)) if bits is None else lax.bitwise_and(bits, low)
+    carry = lax.shift_right_logical(lax.add(frac, r), _u32(shift))
+  else:
+    if cm.kind == "linear":
+      k = lax.floor(a)
+      p = lax.sub(a, k)
+    else:  # sqrt: grid values k**2; correct the rounded root both ways
+      k = lax.floor(lax.sqrt(a))
+      k1 = lax.add(k, np.float32(1))
+      k = lax.select(lax.le(lax.mul(k1, k1), a), k1, k)
+      k = lax.select(lax.gt(lax.mul(k, k), a), lax.sub(k, np.float32(1)), k)
+      p = lax.div(lax.sub(a, lax.mul(k, k)), lax.add(lax.add(k, k), np.float32(1)))
+    base = lax.convert_element_type(k, jnp.uint32)
+    up = lax.ge(p, np.float32(0.5)) if bits is None else lax.lt(_uniform24(bits), p)
+    carry = lax.convert_element_type(up, jnp.uint32)
+  if not cm.signed:
+    return lax.add(lax.convert_element_type(base, jnp.uint8), lax.convert_element_type(carry, jnp.uint8))
+  mag = lax.add(lax.convert_element_type(base, jnp.int8), lax.convert_element_type(carry, jnp.int8))
+  return lax.select(lax.lt(y, np.float32(0)), lax.neg(mag), mag)
+
+
+def _encode_table(y: jax.Array, cm: _Map, code: str, bits: jax.Array | None) -> jax.Array:
+  vals, zero = _table(code, cm.signed)
+  table = jnp.asarray(vals)
+  y = jnp.clip(y, vals[0], vals[-1])
+  i = jnp.clip(jnp.searchsorted(table, y, side="right", method="scan_unrolled") - 1, 0, 254)
+  lo, hi = table[i], table[i + 1]
+  p = (y - lo) / (hi - lo)
+  up = (p >= 0.5) if bits is None else (_uniform24(bits) < p)
+  idx = i + up.astype(i.dtype)
+  if not cm.signed:
+    return idx.astype(jnp.uint8)
+  return lax.bitcast_convert_type(((idx - zero) % 256).astype(jnp.uint8), jnp.int8)
+
+
+def _decode(codes: jax.Array, cm: _Map, code: str) -> jax.Array:
+  """Grid values of ``codes`` (float32, ``|value| <= cm.top``)."""
+  if cm.kind == "table":
+    vals, zero = _table(code, cm.signed)
+    k = codes.astype(jnp.int32)
+    idx = (k + zero) % 256 if cm.signed else k
+    return jnp.asarray(vals)[idx]
+  mag = lax.abs(codes.astype(jnp.int32)) if cm.signed else codes
+  if cm.kind == "float":
+    shift = 23 - cm.man_bits
+    emin = -(2**cm.exp_bits - 1)
+    w = lax.add(
+      lax.shift_left(lax.convert_element_type(mag, jnp.uint32), _u32(shift)),
+      _u32((127 + emin) << 23),
+    )
+    v = lax.sub(lax.bitcast_convert_type(w, jnp.float32), np.float32(2.0**emin))
+  else:
+    v = lax.convert_element_type(mag, jnp.float32)
+    if cm.kind == "sqrt":
+      v = lax.mul(v, v)
+  if cm.signed:
+    v = lax.select(lax.lt(codes, _full(0, codes)), lax.neg(v), v)
+  return v
+
+
+# ---------------------------------------------------------------------------
+# 8-bit blockwise quantization.
+# ---------------------------------------------------------------------------
+
+
+class QuantizedArray(NamedTuple):
+  """An array stored as 8-bit codes and one float32 scale per block.
+
+  A pytree of two arrays (checkpoints, ``vmap`` and sharding treat it like
+  any state). The code map is not stored: pass the same ``code`` to
+  :func:`quantize` and :func:`dequantize`.
+
+  Attributes:
+    codes: uint8 (unsigned maps) or int8 (signed maps) codes, of the original
+      array's shape.
+    scale: float32, one per block (:func:`scale_shape`): the largest
+      magnitude the block may hold, by default its absolute maximum.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+
+
+def quantize(
+  x: jax.Array,
+  *,
+  signed: bool,
+  bits: jax.Array | None = None,
+  code: str = DEFAULT_CODE,
+  scale: jax.Array | None = None,
+) -> QuantizedArray:
+  r"""Quantizes ``x`` to 8-bit codes with one float32 scale per block.
+
+  With :math:`s_b = \max_{i \in b} |x_i|` (or the given ``scale``), each
+  value is stored as the code of :math:`x_i / s_b` in the code map
+  (:func:`code_values`), rounded to nearest or stochastically between the two
+  neighbouring codes :math:`c^- \le x_i / s_b \le c^+`, up with probability
+  :math:`(x_i / s_b - c^-) / (c^+ - c^-)`: unbiased in the value domain,
+  :math:`\mathbb{E}[\operatorname{dequantize}(q)_i] = x_i` (to float32
+  rounding of :math:`x_i / s_b`).
+
+  Args:
+    x: a float array of rank >= 1 (computed in float32).
+    signed: signed codes (int8, for first moments) or unsigned (uint8, for
+      non-negative values such as second moments; negative inputs store 0).
+    bits: None to round to nearest, else uint32 random bits of ``x``'s shape
+      (:func:`random_bits`) to round stochastically.
+    code: the code map, one of :data:`CODES` (or ``"float_eK"``).
+    scale: optional per-block scale (:func:`scale_shape`), e.g. an upper bound
+      maintained by the caller; magnitudes above it are clipped to it. Default:
+      :func:`block_absmax` of ``x``.
+
+  Returns:
+    A :class:`QuantizedArray`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax.quantize import quantize, dequantize
+    >>> x = jnp.array([0.0, 1e-4, 0.3, 2.0])
+    >>> q = quantize(x, signed=False)
+    >>> q.codes, q.scale
+    (Array([  0,  33, 211, 255], dtype=uint8), Array([2.], dtype=float32))
+    >>> (dequantize(q)[1:] / x[1:]).round(2)  # relative steps of 2-3%
+    Array([1.02, 1.02, 1.  ], dtype=float32)
+
+  References:
+    Dettmers, Lewis, Shleifer and Zettlemoyer, "8-bit Optimizers via
+    Block-wise Quantization", ICLR 2022.
+  """
+  cm = _code_map(code, bool(signed))
+  x = x.astype(jnp.float32)
+  shape = tuple(x.shape)
+  if bits is not None:
+    _check_bits(bits, shape)
+  if scale is None:
+    scale = block_absmax(x)
+  elif scale.shape != scale_shape(shape):
+    raise ValueError(f"scale must have shape {scale_shape(shape)}, got {scale.shape}")
+  scale = scale.astype(jnp.float32)
+  inv = lax.select(lax.gt(scale, _full(0, scale)), lax.div(_full(cm.top, scale), scale), _full(0, scale))
+  y = lax.mul(x, expand_blocks(inv, shape))
+  return QuantizedArray(_encode(y, cm, code, bits), scale)
+
+
+def dequantize(q: QuantizedArray, *, code: str = DEFAULT_CODE) -> jax.Array:
+  """The float32 values of a :class:`QuantizedArray`.
+
+  Args:
+    q: codes and scales from :func:`quantize`.
+    code: the code map ``q`` was quantized with.
+
+  Returns:
+    A float32 array of ``q.codes``' shape.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax.quantize import QuantizedArray, dequantize
+    >>> q = QuantizedArray(jnp.array([0, 128, 255], jnp.uint8), jnp.array([4.0]))
+    >>> dequantize(q, code="linear").round(4)
+    Array([0.    , 2.0078, 4.    ], dtype=float32)
+  """
+  codes = q.codes
+  if codes.dtype not in (jnp.uint8, jnp.int8):
+    raise TypeError(f"codes must be uint8 or int8, got {codes.dtype}")
+  cm = _code_map(code, codes.dtype == jnp.int8)
+  unit = lax.div(q.scale.astype(jnp.float32), _full(np.float32(cm.top), q.scale))
+  return lax.mul(_decode(codes, cm, code), expand_blocks(unit, codes.shape))
