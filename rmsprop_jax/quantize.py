@@ -46,13 +46,23 @@ MIN_QUANTIZE_SIZE = 4096
 """Leaves with fewer elements are better left unquantized (the scale and the
 extra work cost more than the bytes saved)."""
 
-CODES = ("float", "dynamic", "sqrt", "linear")
-"""Code maps: ``"float"`` (an 8-bit float of the block-relative value, with
-4 exponent bits; ``"float_e3"`` and ``"float_e5"`` choose 3 or 5), bitsandbytes'
-``"dynamic"`` tree map, ``"sqrt"`` (the square root of the value, linearly)
-and ``"linear"``. See :func:`code_values`."""
+CODES = ("float_e5", "float_e4", "float_e3", "dynamic", "sqrt", "linear")
+"""Code maps: ``"float_eK"`` (an 8-bit float of the block-relative value with
+K exponent bits and a linear range below its smallest binade, as subnormals),
+bitsandbytes' ``"dynamic"`` tree map, ``"sqrt"`` (the square root of the
+magnitude, linearly) and ``"linear"``. See :func:`code_values`."""
 
-DEFAULT_CODE = "float"
+NU_CODE = "float_e5"
+"""The default unsigned map (second moments). Ten decades below the block's
+maximum: RMSProp divides by ``sqrt(nu)``, and an element whose ``nu`` falls
+below the smallest code of its block is stored as 0, its next step as large as
+``g / sqrt(eps)``. Narrower maps (more precise near the maximum) lose such
+elements when a block's ``nu`` spans more than ~5 decades
+(``benchmarks/quant_codes.md``)."""
+
+SIGNED_CODE = "sqrt"
+"""The default signed map (first moments, momentum buffers): the most accurate
+of the candidates for an EMA of ``g`` (``benchmarks/quant_codes.md``)."""
 
 _LANES = 8  # width of the partial maxima in block_absmax (one AVX register)
 
@@ -187,8 +197,10 @@ def round_to(x: jax.Array, dtype: Any, bits: jax.Array | None = None) -> jax.Arr
   subnormals and negative values included (for bfloat16: add random low 16
   bits to the float32 pattern and truncate; float16 drops as many bits as its
   exponent needs, and below its smallest subnormal compares 32 random bits,
-  which leaves an error below :math:`2^{-56}`). Values beyond the largest
-  finite value, infinities and NaN round to nearest, as the cast does. An
+  which leaves an error below :math:`2^{-56}`). Infinities and NaN stay what
+  they are. Beyond the largest finite value, float16 rounds to nearest (as the
+  cast does) and bfloat16 rounds up to infinity with the probability it would
+  have if infinity were the next value (:math:`2^{128}`). An
   exponential moving average stored this way keeps every increment in
   expectation, where rounding to nearest throws away any increment smaller
   than half a unit in the last place of the stored value.
@@ -232,12 +244,17 @@ def round_to(x: jax.Array, dtype: Any, bits: jax.Array | None = None) -> jax.Arr
   if nmant >= 23:
     raise TypeError(f"cannot round float32 to {dtype}: it is not narrower")
   xb = lax.bitcast_convert_type(x, jnp.uint32)
-  if minexp <= -126:  # bfloat16-like: float32's exponent range, a fixed cut
+  if minexp <= -126:
+    # bfloat16-like (float32's exponent range): add random bits below the
+    # kept ones and truncate. A carry past the largest finite value gives
+    # infinity, as if it were the next value up; infinities stay; the NaNs
+    # arithmetic makes (quiet, payload 0) stay NaN. Ending in the cast (which
+    # XLA counts as expensive) keeps XLA from recomputing the rounding in
+    # every consumer of the stored value.
     low = _u32((1 << (23 - nmant)) - 1)
     rb = lax.bitwise_and(lax.add(xb, lax.bitwise_and(bits, low)), lax.bitwise_not(low))
-    stoch = lax.bitcast_convert_type(rb, jnp.float32)
-  else:
-    stoch = _round_bits_variable(x, xb, bits, nmant, minexp)
+    return lax.convert_element_type(lax.bitcast_convert_type(rb, jnp.float32), dtype)
+  stoch = _round_bits_variable(x, xb, bits, nmant, minexp)
   finite = lax.le(lax.abs(x), np.float32(fmax))  # False for inf and NaN
   return lax.convert_element_type(lax.select(finite, stoch, x), dtype)
 
@@ -405,8 +422,8 @@ def _dynamic_values(signed: bool) -> np.ndarray:
 
 @functools.cache
 def _code_map(code: str, signed: bool) -> _Map:
-  if code == "float" or code.startswith("float_e"):
-    e = 4 if code == "float" else int(code[len("float_e") :])
+  if code.startswith("float_e") and code[len("float_e") :].isdigit():
+    e = int(code[len("float_e") :])
     m = (7 if signed else 8) - e
     if not (2 <= e <= 6 and m >= 1):
       raise ValueError(f"code {code!r}: exponent bits must be in [2, 6]")
@@ -419,7 +436,11 @@ def _code_map(code: str, signed: bool) -> _Map:
     return _Map("sqrt", signed, 127.0**2 if signed else 255.0**2)
   if code == "dynamic":
     return _Map("table", signed, 1.0)
-  raise ValueError(f"unknown code {code!r}; choose from {CODES} or 'float_eK'")
+  raise ValueError(f"unknown code {code!r}; choose from {CODES}")
+
+
+def _default_code(code: str | None, signed: bool) -> str:
+  return code if code is not None else (SIGNED_CODE if signed else NU_CODE)
 
 
 @functools.cache
@@ -431,7 +452,7 @@ def _table(code: str, signed: bool) -> tuple[np.ndarray, int]:
   return vals.astype(np.float32), int(np.flatnonzero(vals == 0)[0])
 
 
-def code_values(code: str = DEFAULT_CODE, signed: bool = False) -> np.ndarray:
+def code_values(code: str | None = None, signed: bool = False) -> np.ndarray:
   """The value of every code, in units of the block's scale (max magnitude 1).
 
   Entry ``k`` is the value of the code whose bit pattern is ``k`` (for signed
@@ -439,14 +460,25 @@ def code_values(code: str = DEFAULT_CODE, signed: bool = False) -> np.ndarray:
   exactly, as code 0. Signed maps other than ``"dynamic"`` are symmetric and
   leave int8 -128 unused (its entry is NaN).
 
+  Args:
+    code: one of :data:`CODES`; None for the default of ``signed``
+      (:data:`NU_CODE` or :data:`SIGNED_CODE`).
+    signed: the signed (int8) or unsigned (uint8) variant.
+
+  Returns:
+    A float64 array of 256 values.
+
   Example:
     >>> from rmsprop_jax.quantize import code_values
-    >>> v = code_values("float")
+    >>> v = code_values("float_e5")
+    >>> float(v[1])  # the smallest step: ten decades below the maximum
+    3.1e-11
     >>> float(v[0]), float(v[255]), bool((v[1:] > v[:-1]).all())
     (0.0, 1.0, True)
     >>> code_values("linear", signed=True)[[0, 1, 127, 129, 255]].round(4)
     array([ 0.    ,  0.0079,  1.    , -1.    , -0.0079])
   """
+  code = _default_code(code, signed)
   cm = _code_map(code, signed)
   k = np.arange(256)
   kk = np.where(k >= 128, k - 256, k) if signed else k
@@ -485,7 +517,11 @@ def _encode(y: jax.Array, cm: _Map, code: str, bits: jax.Array | None) -> jax.Ar
     emin = -(2**cm.exp_bits - 1)
     low = _u32((1 << shift) - 1)
     w = lax.bitcast_convert_type(lax.add(a, np.float32(2.0**emin)), jnp.uint32)
-    base = lax.shift_right_logical(lax.sub(w, _u32((127 + emin) << 23)), _u32(shift))
+    bias = (127 + emin) << cm.man_bits  # the code of 2**emin before the offset
+    if not cm.signed and bias % 256 == 0:
+      base = lax.shift_right_logical(w, _u32(shift))  # uint8 wraps the bias away
+    else:
+      base = lax.shift_right_logical(lax.sub(w, _u32((127 + emin) << 23)), _u32(shift))
     frac = lax.bitwise_and(w, low)
     r = _u32(1 << (shift - 1)) if bits is None else lax.bitwise_and(bits, low)
     carry = lax.shift_right_logical(lax.add(frac, r), _u32(shift))
@@ -575,7 +611,7 @@ def quantize(
   *,
   signed: bool,
   bits: jax.Array | None = None,
-  code: str = DEFAULT_CODE,
+  code: str | None = None,
   scale: jax.Array | None = None,
 ) -> QuantizedArray:
   r"""Quantizes ``x`` to 8-bit codes with one float32 scale per block.
@@ -594,7 +630,8 @@ def quantize(
       non-negative values such as second moments; negative inputs store 0).
     bits: None to round to nearest, else uint32 random bits of ``x``'s shape
       (:func:`random_bits`) to round stochastically.
-    code: the code map, one of :data:`CODES` (or ``"float_eK"``).
+    code: the code map, one of :data:`CODES`; None for :data:`NU_CODE`
+      (unsigned) or :data:`SIGNED_CODE` (signed).
     scale: optional per-block scale (:func:`scale_shape`), e.g. an upper bound
       maintained by the caller; magnitudes above it are clipped to it. Default:
       :func:`block_absmax` of ``x``.
@@ -605,17 +642,18 @@ def quantize(
   Example:
     >>> import jax.numpy as jnp
     >>> from rmsprop_jax.quantize import quantize, dequantize
-    >>> x = jnp.array([0.0, 1e-4, 0.3, 2.0])
-    >>> q = quantize(x, signed=False)
+    >>> x = jnp.array([0.0, 1e-9, 1e-4, 0.3, 2.0])
+    >>> q = quantize(x, signed=False)  # unsigned: NU_CODE, ten decades
     >>> q.codes, q.scale
-    (Array([  0,  33, 211, 255], dtype=uint8), Array([2.], dtype=float32))
-    >>> (dequantize(q)[1:] / x[1:]).round(2)  # relative steps of 2-3%
-    Array([1.02, 1.02, 1.  ], dtype=float32)
+    (Array([  0,  12, 140, 233, 255], dtype=uint8), Array([2.], dtype=float32))
+    >>> (dequantize(q)[1:] / x[1:]).round(2)  # steps of 6-12% (nearest)
+    Array([0.99, 0.98, 1.  , 1.  ], dtype=float32)
 
   References:
     Dettmers, Lewis, Shleifer and Zettlemoyer, "8-bit Optimizers via
     Block-wise Quantization", ICLR 2022.
   """
+  code = _default_code(code, bool(signed))
   cm = _code_map(code, bool(signed))
   x = x.astype(jnp.float32)
   shape = tuple(x.shape)
@@ -631,12 +669,13 @@ def quantize(
   return QuantizedArray(_encode(y, cm, code, bits), scale)
 
 
-def dequantize(q: QuantizedArray, *, code: str = DEFAULT_CODE) -> jax.Array:
+def dequantize(q: QuantizedArray, *, code: str | None = None) -> jax.Array:
   """The float32 values of a :class:`QuantizedArray`.
 
   Args:
     q: codes and scales from :func:`quantize`.
-    code: the code map ``q`` was quantized with.
+    code: the code map ``q`` was quantized with (None: the default for its
+      codes' signedness).
 
   Returns:
     A float32 array of ``q.codes``' shape.
@@ -651,6 +690,8 @@ def dequantize(q: QuantizedArray, *, code: str = DEFAULT_CODE) -> jax.Array:
   codes = q.codes
   if codes.dtype not in (jnp.uint8, jnp.int8):
     raise TypeError(f"codes must be uint8 or int8, got {codes.dtype}")
-  cm = _code_map(code, codes.dtype == jnp.int8)
+  signed = codes.dtype == jnp.int8
+  code = _default_code(code, signed)
+  cm = _code_map(code, signed)
   unit = lax.div(q.scale.astype(jnp.float32), _full(np.float32(cm.top), q.scale))
   return lax.mul(_decode(codes, cm, code), expand_blocks(unit, codes.shape))
