@@ -6,6 +6,7 @@ Public API:
 - :func:`scale_by_rms`: its learning-rate-free half.
 - :class:`RMSPropState`: the state (``count``, ``nu``, ``mu``, ``trace``).
 - :mod:`~rmsprop_jax.presets`: ``pytorch``, ``keras``, ``tf1`` and ``optax`` flavours.
+- :func:`dequantize_state`: any stored state (8-bit, bfloat16) as float32 trees.
 - :func:`effective_learning_rate` and :mod:`~rmsprop_jax.diagnostics`: inspect a state.
 - :mod:`~rmsprop_jax.interop`: optimizer state from and to PyTorch and Keras.
 - :func:`state_shardings`: the optimizer state split over the data-parallel devices (ZeRO-1).
@@ -13,19 +14,20 @@ Public API:
 
 from rmsprop_jax import diagnostics, interop, presets
 from rmsprop_jax.alias import rmsprop
-from rmsprop_jax.diagnostics import effective_learning_rate
+from rmsprop_jax.diagnostics import dequantize_state, effective_learning_rate
 from rmsprop_jax.sharding import state_shardings
 from rmsprop_jax.transform import RMSPropState, scale_by_rms
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "RMSPropState",
-    "diagnostics",
-    "effective_learning_rate",
-    "interop",
-    "presets",
-    "rmsprop",
-    "scale_by_rms",
-    "state_shardings",
+  "RMSPropState",
+  "dequantize_state",
+  "diagnostics",
+  "effective_learning_rate",
+  "interop",
+  "presets",
+  "rmsprop",
+  "scale_by_rms",
+  "state_shardings",
 ]

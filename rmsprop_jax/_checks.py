@@ -112,6 +112,41 @@ def check_scalar_or_schedule(
   check_scalar(name, value, low, high)
 
 
+def static_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+  """``value`` as a Python int; it selects the compiled program, so no tracer.
+
+  ``optax.inject_hyperparams`` turns every numeric argument into an array:
+  a concrete one is accepted here; a traced one (its update under ``jit``)
+  is refused with the way out.
+  """
+  if value is None and allow_none:
+    return None
+  if not is_concrete(value):
+    raise TypeError(
+      f"{name} chooses the compiled program and cannot be traced; with"
+      f" optax.inject_hyperparams, pass static_args=({name!r},)"
+    )
+  arr = np.asarray(value)
+  if (
+    arr.ndim
+    or isinstance(value, bool)
+    or not (np.issubdtype(arr.dtype, np.integer) or float(arr) == int(arr))
+  ):
+    raise TypeError(f"{name} must be an int, got {value!r}")
+  return int(arr)
+
+
+def check_seed(name: str, value: Any) -> None:
+  """A seed: an integer scalar >= 0 (an int or integer array; tracers pass)."""
+  if not is_concrete(value):
+    return
+  arr = np.asarray(value)
+  if isinstance(value, bool) or arr.ndim or not np.issubdtype(arr.dtype, np.integer):
+    raise TypeError(f"{name} must be an integer scalar, got {value!r}")
+  if arr < 0 or arr >= 2**32:
+    raise ValueError(f"{name} must be in [0, 2**32), got {value!r}")
+
+
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
   if value not in choices:
     raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -133,6 +168,11 @@ def check_float_params(params: Any, what: str = "params") -> None:
       )
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+  """A leaf's shape; for 8-bit state (codes and scales), its codes' shape."""
+  return jnp.shape(x.codes) if hasattr(x, "codes") else jnp.shape(x)
+
+
 def check_same_tree(
   name: str, tree: Any, ref: Any, ref_name: str, *, is_leaf: Callable | None = None
 ) -> None:
@@ -145,9 +185,9 @@ def check_same_tree(
       " pass a tree with the same structure as the params given to init"
     )
   for (path, leaf), (_, ref_leaf) in zip(leaves, ref_leaves):
-    if jnp.shape(leaf) != jnp.shape(ref_leaf):
+    if _shape(leaf) != _shape(ref_leaf):
       raise ValueError(
-        f"{name}{_path(path)} has shape {jnp.shape(leaf)}, but"
-        f" {ref_name}{_path(path)} has shape {jnp.shape(ref_leaf)};"
+        f"{name}{_path(path)} has shape {_shape(leaf)}, but"
+        f" {ref_name}{_path(path)} has shape {_shape(ref_leaf)};"
         " shapes must match exactly (no broadcasting)"
       )

@@ -32,6 +32,10 @@ def rmsprop(
   weight_decay_mode: str = "coupled",
   maximize: bool = False,
   lr_inside_momentum: bool = True,
+  state_bits: int | None = None,
+  rounding: str = "stochastic",
+  seed: jax.typing.ArrayLike = 0,
+  min_quantize_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSProp: gradient descent scaled by a running RMS of the gradients.
 
@@ -85,6 +89,25 @@ def rmsprop(
     lr_inside_momentum: True (optax, Keras, TF1) scales by the learning rate
       before the momentum buffer; False (PyTorch) after it. The two agree for
       a constant learning rate up to rounding and differ under schedules.
+    state_bits: 8 stores :math:`\nu` (and :math:`\mu`, the momentum buffer)
+      as 8-bit codes with one float32 scale per block of 256 values, about a
+      quarter of the float32 state's memory; the step divides by the stored
+      value. None (default) keeps them as arrays. Leaves with fewer than
+      ``min_quantize_size`` entries (biases, norm scales) and complex leaves
+      stay unquantized. Needs ``static_args=("state_bits",)`` under
+      ``optax.inject_hyperparams``.
+    rounding: ``"stochastic"`` (default) rounds every state value stored
+      narrower than it is computed (``nu_dtype=bfloat16``, low-precision
+      params, 8-bit state) up or down at random, so that the stored value is
+      unbiased and small EMA increments are kept on average; ``"nearest"``
+      rounds to nearest, which at decays near 1 loses them (a bfloat16
+      :math:`\nu` then stalls well below its float32 value).
+    seed: integer >= 0 from which the rounding's random bits are derived,
+      with the step count, the leaf and each element's index: no random key
+      in the state, the same numbers eager, under ``jit`` or ``vmap`` and
+      however the state is sharded.
+    min_quantize_size: with ``state_bits=8``, leaves with fewer entries stay
+      unquantized; None means 4096.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is an
@@ -132,6 +155,9 @@ def rmsprop(
     lr_inside_momentum=lr_inside_momentum,
     weight_decay=weight_decay_mode if use_wd else None,
     maximize=maximize,
+    rounding=rounding,
+    state_bits=state_bits,
+    min_quantize_size=min_quantize_size,
   )
   hp = Hyperparams(
     learning_rate=learning_rate,
@@ -140,5 +166,6 @@ def rmsprop(
     momentum=momentum,
     weight_decay=weight_decay if use_wd else None,
     initial_scale=initial_scale,
+    seed=seed,
   )
   return fused_rmsprop(cfg, hp)

@@ -29,13 +29,15 @@ CHUNK = 50  # steps per compiled call (one progress-bar tick)
 def optimizers() -> dict[str, optax.GradientTransformation]:
   """The line-up, each with a learning rate tuned for this problem."""
   return {
-      "rmsprop": rmsprop(1e-3),
-      "rmsprop centered+momentum": rmsprop(3e-4, centered=True, momentum=0.9),
-      "pytorch preset": presets.pytorch(lr=1e-3),
-      "sgd": optax.sgd(0.1),
-      "sgd+momentum": optax.sgd(0.03, momentum=0.9),
-      "adagrad": optax.adagrad(0.05),
-      "adam": optax.adam(1e-3),
+    "rmsprop": rmsprop(1e-3),
+    "rmsprop bfloat16 state": rmsprop(1e-3, nu_dtype=jnp.bfloat16),
+    "rmsprop 8-bit state": rmsprop(1e-3, state_bits=8),
+    "rmsprop centered+momentum": rmsprop(3e-4, centered=True, momentum=0.9),
+    "pytorch preset": presets.pytorch(lr=1e-3),
+    "sgd": optax.sgd(0.1),
+    "sgd+momentum": optax.sgd(0.03, momentum=0.9),
+    "adagrad": optax.adagrad(0.05),
+    "adam": optax.adam(1e-3),
   }
 
 
@@ -43,9 +45,7 @@ def _require(module: str):
   try:
     return __import__(module)
   except ImportError:
-    raise SystemExit(
-        f"The demo needs {module}: pip install 'rmsprop-jax[demo]'"
-    ) from None
+    raise SystemExit(f"The demo needs {module}: pip install 'rmsprop-jax[demo]'") from None
 
 
 def load_digits(seed: int) -> tuple[np.ndarray, ...]:
@@ -56,7 +56,7 @@ def load_digits(seed: int) -> tuple[np.ndarray, ...]:
 
   x, y = sk_load(return_X_y=True)
   x_tr, x_te, y_tr, y_te = train_test_split(
-      x.astype(np.float32), y, test_size=0.25, random_state=seed, stratify=y
+    x.astype(np.float32), y, test_size=0.25, random_state=seed, stratify=y
   )
   mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6
   return (x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te
@@ -102,6 +102,7 @@ def train(opt, params, data, batches, bar=None) -> dict[str, Any]:
   """Trains from ``params`` on ``batches``; returns losses, accuracy and timings."""
   x_tr, y_tr, x_te, y_te = (jnp.asarray(a) for a in data)
   state = opt.init(params)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if jnp.ndim(x) > 0)
   run_chunk = make_chunk(opt)
   t0 = time.perf_counter()
   compiled = run_chunk.lower(params, state, x_tr, y_tr, batches[:CHUNK]).compile()
@@ -120,17 +121,19 @@ def train(opt, params, data, batches, bar=None) -> dict[str, Any]:
   acc = float(jnp.mean(jnp.argmax(mlp(params, x_te), -1) == y_te))
   tail = max(1, len(losses) // 20)
   return {
-      "final_loss": float(loss_fn(params, x_tr, y_tr)),
-      "final_batch_loss_avg": float(losses[-tail:].mean()),
-      "test_accuracy": acc,
-      "wall_time_s": wall,
-      "compile_time_s": compile_s,
-      "loss_curve": [float(v) for v in losses],
+    "final_loss": float(loss_fn(params, x_tr, y_tr)),
+    "final_batch_loss_avg": float(losses[-tail:].mean()),
+    "test_accuracy": acc,
+    "wall_time_s": wall,
+    "compile_time_s": compile_s,
+    "state_bytes": state_bytes,
+    "loss_curve": [float(v) for v in losses],
   }
 
 
-def run(out: str = "rmsprop_demo_out", steps: int = 1500, seed: int = 0,
-        progress: bool = True) -> dict[str, dict[str, Any]]:
+def run(
+  out: str = "rmsprop_demo_out", steps: int = 1500, seed: int = 0, progress: bool = True
+) -> dict[str, dict[str, Any]]:
   """Trains every optimizer, prints the table, writes results.json and a PNG.
 
   Args:
@@ -171,11 +174,14 @@ def run(out: str = "rmsprop_demo_out", steps: int = 1500, seed: int = 0,
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-  rows = [f"{'optimizer':<28}{'final train loss':>17}{'test accuracy':>15}{'wall time (s)':>15}"]
-  rows.append("-" * len(rows[0]))
+  head = (
+    f"{'optimizer':<28}{'final train loss':>17}{'test accuracy':>15}{'state (KiB)':>13}{'wall time (s)':>15}"
+  )
+  rows = [head, "-" * len(head)]
   for name, r in results.items():
     rows.append(
-        f"{name:<28}{r['final_loss']:>17.3e}{r['test_accuracy']:>15.3f}{r['wall_time_s']:>15.2f}"
+      f"{name:<28}{r['final_loss']:>17.3e}{r['test_accuracy']:>15.3f}"
+      f"{r['state_bytes'] / 1024:>13.1f}{r['wall_time_s']:>15.2f}"
     )
   return "\n".join(rows)
 
@@ -193,8 +199,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     curve = np.asarray(r["loss_curve"])
     k = max(1, len(curve) // 60)
     smooth = np.convolve(curve, np.ones(k) / k, mode="valid")
-    ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=name,
-            lw=2.2 if name.startswith("rmsprop") else 1.3)
+    ax.plot(np.arange(len(smooth)) + k - 1, smooth, label=name, lw=2.2 if name.startswith("rmsprop") else 1.3)
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (mini-batch, smoothed)")

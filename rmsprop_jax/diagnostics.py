@@ -5,16 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _checks
+from rmsprop_jax.quantize import QuantizedArray
 from rmsprop_jax.transform import (
   Config,
   Hyperparams,
   RMSPropState,
   last_step_size,
+  load,
   settings_of,
 )
+
 
 def find_state(state: Any) -> RMSPropState:
   """The one :class:`~rmsprop_jax.RMSPropState` inside ``state``.
@@ -114,3 +118,49 @@ def effective_learning_rate(
     safe_divide=True,
   )
   return last_step_size(st, cfg, Hyperparams(learning_rate=opt, eps=eps))
+
+
+def dequantize_state(state: Any) -> Any:
+  """``state`` with every moment of every RMSProp state as a float32 array.
+
+  For inspection and export: ``nu``, ``mu`` and ``trace`` become trees shaped
+  like the params, whatever their storage (8-bit codes with block scales from
+  ``state_bits=8``, ``nu_dtype=bfloat16``, low-precision params). Complex
+  moments stay complex (complex64). Anything else in ``state`` (counts,
+  other transformations' states) is returned as it is.
+
+  Args:
+    state: an :class:`~rmsprop_jax.RMSPropState`, or any optimizer state
+      containing some (``optax.chain``, ``optax.MultiSteps``, ...).
+
+  Returns:
+    The same structure, each RMSProp moment a float32 (or complex64) array.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import rmsprop_jax
+    >>> opt = rmsprop_jax.rmsprop(0.1, state_bits=8, min_quantize_size=256)
+    >>> params = {"w": jnp.ones((4, 256))}
+    >>> _, state = opt.update({"w": jnp.full((4, 256), 2.0)}, opt.init(params))
+    >>> type(state.nu["w"]).__name__, state.nu["w"].codes.dtype
+    ('QuantizedArray', dtype('uint8'))
+    >>> nu = rmsprop_jax.dequantize_state(state).nu["w"]
+    >>> nu.shape, nu.dtype, float(nu[0, 0])  # 0.1 * 2**2
+    ((4, 256), dtype('float32'), 0.4)
+  """
+  is_ours = lambda x: isinstance(x, RMSPropState)
+
+  def moment(x: Any) -> Any:
+    if x is None:
+      return None
+    wide = jnp.complex64 if not isinstance(x, QuantizedArray) and jnp.iscomplexobj(x) else jnp.float32
+    return load(x, wide)
+
+  def convert(s: Any) -> Any:
+    if not is_ours(s):
+      return s
+    is_q = lambda x: isinstance(x, QuantizedArray)
+    tree = lambda t: None if t is None else jax.tree.map(moment, t, is_leaf=is_q)
+    return s._replace(nu=tree(s.nu), mu=tree(s.mu), trace=tree(s.trace))
+
+  return jax.tree.map(convert, state, is_leaf=is_ours)

@@ -31,6 +31,19 @@ from rmsprop_jax.transform import register_settings, settings_of
 __all__ = ["keras", "optax", "pytorch", "tf1"]
 
 
+_STORAGE = ("nu_dtype", "state_bits", "rounding", "seed", "min_quantize_size")
+
+
+def _storage(storage: dict[str, Any]) -> dict[str, Any]:
+  """The storage options passed to a preset (refusing any other keyword)."""
+  unknown = sorted(set(storage) - set(_STORAGE))
+  if unknown:
+    raise TypeError(
+      f"unexpected keyword argument(s) {', '.join(unknown)}; besides its own, a preset takes {_STORAGE}"
+    )
+  return storage
+
+
 def _momentum_or_none(momentum: Any) -> Any:
   """Frameworks keep no buffer for momentum == 0; neither do we."""
   return None if _checks.is_known_zero(momentum) else momentum
@@ -48,6 +61,7 @@ def pytorch(
   capturable: bool = False,
   foreach: bool | None = None,
   differentiable: bool = False,
+  **storage: Any,
 ) -> _optax.GradientTransformationExtraArgs:
   r"""``torch.optim.RMSprop``, same names, defaults and update order.
 
@@ -76,6 +90,9 @@ def pytorch(
     foreach: likewise (torch's multi-tensor kernel); ignored.
     differentiable: likewise (autograd through the step); ignored, JAX
       differentiates through any update.
+    **storage: how the state is stored, as in :func:`rmsprop_jax.rmsprop`:
+      ``state_bits`` (8 for 8-bit state), ``nu_dtype``, ``rounding``,
+      ``seed``, ``min_quantize_size``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Pass ``params`` to
@@ -110,6 +127,7 @@ def pytorch(
     weight_decay_mode="coupled",
     maximize=maximize,
     lr_inside_momentum=False,
+    **_storage(storage),
   )
 
 
@@ -124,6 +142,7 @@ def keras(
   clipvalue: float | None = None,
   global_clipnorm: float | None = None,
   name: str = "rmsprop",
+  **storage: Any,
 ) -> _optax.GradientTransformationExtraArgs:
   r"""Keras 3 ``keras.optimizers.RMSprop``, same names, defaults and order.
 
@@ -149,6 +168,9 @@ def keras(
     clipvalue: clip each gradient entry to ``[-clipvalue, clipvalue]``.
     global_clipnorm: clip all gradients jointly to this global L2 norm.
     name: accepted so that a Keras call ports unchanged; unused.
+    **storage: how the state is stored, as in :func:`rmsprop_jax.rmsprop`:
+      ``state_bits`` (8 for 8-bit state), ``nu_dtype``, ``rounding``,
+      ``seed``, ``min_quantize_size``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Pass ``params`` to
@@ -182,6 +204,7 @@ def keras(
     momentum=_momentum_or_none(momentum),
     weight_decay=0.0 if weight_decay is None else weight_decay,
     weight_decay_mode="decoupled",
+    **_storage(storage),
   )
   clip = _keras_clip(clipnorm, clipvalue, global_clipnorm)
   if clip is None:
@@ -233,6 +256,7 @@ def tf1(
   momentum: jax.typing.ArrayLike = 0.0,
   epsilon: jax.typing.ArrayLike = 1e-10,
   centered: bool = False,
+  **storage: Any,
 ) -> _optax.GradientTransformationExtraArgs:
   r"""TF1 ``tf.compat.v1.train.RMSPropOptimizer``.
 
@@ -248,6 +272,9 @@ def tf1(
     momentum: in [0, 1); 0 keeps no buffer.
     epsilon: added inside the square root, >= 0.
     centered: subtract the squared mean gradient ``mg**2`` under the root.
+    **storage: how the state is stored, as in :func:`rmsprop_jax.rmsprop`:
+      ``state_bits`` (8 for 8-bit state), ``nu_dtype``, ``rounding``,
+      ``seed``, ``min_quantize_size``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -275,6 +302,7 @@ def tf1(
     initial_scale=1.0,
     centered=centered,
     momentum=_momentum_or_none(momentum),
+    **_storage(storage),
   )
 
 
@@ -288,6 +316,7 @@ def optax(
   momentum: jax.typing.ArrayLike | None = None,
   nesterov: bool = False,
   bias_correction: bool = False,
+  **storage: Any,
 ) -> _optax.GradientTransformationExtraArgs:
   """``optax.rmsprop``, with its positional signature.
 
@@ -304,6 +333,9 @@ def optax(
     momentum: trace decay in [0, 1), or None.
     nesterov: Nesterov momentum.
     bias_correction: debias the moments.
+    **storage: how the state is stored, as in :func:`rmsprop_jax.rmsprop`:
+      ``state_bits`` (8 for 8-bit state), ``nu_dtype``, ``rounding``,
+      ``seed``, ``min_quantize_size``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -328,4 +360,5 @@ def optax(
     momentum=momentum,
     nesterov=nesterov,
     bias_correction=bias_correction,
+    **_storage(storage),
   )

@@ -35,9 +35,11 @@ import numpy as np
 import optax
 from jax import lax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, quantize
+from rmsprop_jax.quantize import QuantizedArray
 
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+ROUNDINGS = ("stochastic", "nearest")
 
 
 class RMSPropState(NamedTuple):
@@ -76,6 +78,9 @@ class Config(NamedTuple):
   weight_decay: str | None = None
   maximize: bool = False
   safe_divide: bool = False
+  rounding: str = "stochastic"
+  state_bits: int | None = None
+  min_quantize_size: int = quantize.MIN_QUANTIZE_SIZE
 
 
 class Hyperparams(NamedTuple):
@@ -90,6 +95,7 @@ class Hyperparams(NamedTuple):
   momentum: Any = None
   weight_decay: Any = None
   initial_scale: Any = 0.0
+  seed: Any = 0
 
 
 class StepScalars(NamedTuple):
@@ -106,6 +112,8 @@ class StepScalars(NamedTuple):
   neg_lr: Any
   decoupled_wd: Any
   bias_corr: Any
+  seed: Any  # of the random bits for stochastic rounding (not converted)
+  count: Any  # steps taken before this one (not converted)
 
 
 def _value_at(value: Any, count: chex.Array) -> Any:
@@ -138,6 +146,8 @@ def step_scalars(hp: Hyperparams, count: chex.Array, cfg: Config) -> StepScalars
     decoupled_wd=decoupled_wd,
     # A constant decay only: fused_rmsprop refuses decay schedules with it.
     bias_corr=1 - decay ** optax.safe_increment(count) if cfg.bias_correction else None,
+    seed=hp.seed,
+    count=count,
   )
 
 
@@ -162,7 +172,9 @@ def _consts_factory(scalars: StepScalars) -> Callable[[Any], _Consts]:
   @functools.cache
   def consts(dtype: Any) -> _Consts:
     conv = lambda v: None if v is None else lax.convert_element_type(v, dtype)
-    return _Consts(StepScalars(*map(conv, scalars)), conv(0.0), conv(1.0))
+    floats = scalars._replace(seed=None, count=None)
+    converted = StepScalars(*map(conv, floats))._replace(seed=scalars.seed, count=scalars.count)
+    return _Consts(converted, conv(0.0), conv(1.0))
 
   return consts
 
@@ -230,53 +242,116 @@ def _momentum(u: jax.Array, trace: jax.Array, c: _Consts, cfg: Config) -> tuple[
   return out, trace
 
 
+# ---------------------------------------------------------------------------
+# Storage: each moment is kept in its parameter's dtype, in ``nu_dtype``, or
+# as 8-bit block codes; it is computed in float32 (or wider) either way, and
+# rounded to storage stochastically unless ``rounding="nearest"``.
+# ---------------------------------------------------------------------------
+
+_STREAMS = {"nu": 0, "mu": 1, "trace": 2}  # one stream of random bits per moment
+
+
+class _Store(NamedTuple):
+  """How one moment of one leaf is stored (static, decided from its shape)."""
+
+  dtype: Any  # storage dtype of a plain array (unused when quantized)
+  quantized: bool  # 8-bit codes and block scales
+  signed: bool  # signed codes (first moments) or not (nu)
+  stream: int  # index of the random-bit stream: 3 * leaf + moment
+
+
+def _quantizable(shape: tuple[int, ...], dtype: Any, cfg: Config) -> bool:
+  """8-bit storage for real leaves of rank >= 1 with >= min_quantize_size entries."""
+  return (
+    cfg.state_bits == 8
+    and len(shape) >= 1
+    and int(np.prod(shape)) >= cfg.min_quantize_size
+    and not jnp.issubdtype(dtype, jnp.complexfloating)
+  )
+
+
+def _store_for(moment: str, p_shape: tuple[int, ...], p_dtype: Any, leaf: int, cfg: Config) -> _Store:
+  real = _real_dtype(p_dtype)
+  dtype = (cfg.nu_dtype or real) if moment == "nu" else jnp.dtype(p_dtype)
+  return _Store(dtype, _quantizable(p_shape, p_dtype, cfg), moment != "nu", 3 * leaf + _STREAMS[moment])
+
+
+def load(x: Any, dtype: Any) -> jax.Array:
+  """A stored moment in compute dtype ``dtype`` (dequantized if 8-bit)."""
+  if isinstance(x, QuantizedArray):
+    return _cast(quantize.dequantize(x), dtype)
+  return _cast(x, dtype)
+
+
+def _bits(st: _Store, shape: tuple[int, ...], c: _Consts, cfg: Config) -> jax.Array | None:
+  if cfg.rounding == "nearest":
+    return None
+  return quantize.random_bits(c.s.seed, c.s.count, st.stream, shape)
+
+
+def _store(x: jax.Array, st: _Store, c: _Consts, cfg: Config) -> Any:
+  """Rounds a computed moment to its storage (unbiased unless nearest)."""
+  if st.quantized:
+    return quantize.quantize(x, signed=st.signed, bits=_bits(st, x.shape, c, cfg))
+  if jnp.finfo(st.dtype).bits >= jnp.finfo(x.dtype).bits or jnp.iscomplexobj(x):
+    return _cast(x, st.dtype)
+  return quantize.round_to(x, st.dtype, _bits(st, x.shape, c, cfg))
+
+
 class _Leaf(NamedTuple):
-  """One leaf's update and new moments (in compute dtype; None if unused)."""
+  """One leaf's update and new moments, as stored (None if unused)."""
 
   update: jax.Array
-  nu: jax.Array
-  mu: jax.Array | None
-  trace: jax.Array | None
+  nu: Any
+  mu: Any
+  trace: Any
 
 
 def _leaf_update(
   g: jax.Array,
   p: jax.Array | None,
-  nu: jax.Array,
-  mu: jax.Array | None,
-  trace: jax.Array | None,
+  nu: Any,
+  mu: Any,
+  trace: Any,
+  leaf: int,
   consts: Callable[[Any], _Consts],
   cfg: Config,
 ) -> _Leaf:
-  """One leaf of the fused update.
+  """One leaf of the fused update, from stored moments to stored moments.
 
   When ``nu`` is stored narrower than it is computed (``nu_dtype=bfloat16``,
-  or bfloat16 params), the step divides by the *stored*, rounded value: the
-  trajectory is then a function of the state alone, and XLA can update ``nu``
-  in place and read it once (16 instead of 20+ bytes per parameter).
+  bfloat16 params, 8-bit state), the step divides by the *stored*, rounded
+  value: the trajectory is then a function of the state alone, and XLA can
+  update ``nu`` in place and read it once (16 instead of 20+ bytes per
+  parameter for bfloat16).
   """
   out_dtype = g.dtype
   cdt = _compute_dtype(g.dtype)
   rdt = _real_dtype(cdt)
   c, r = consts(cdt), consts(rdt)
+  store = functools.partial(_store_for, p_shape=tuple(g.shape), p_dtype=out_dtype, leaf=leaf, cfg=cfg)
   g = _direction(_cast(g, cdt), p, c, cfg)
-  store_dtype = cfg.nu_dtype or nu.dtype
-  nu = _ema(_cast(nu, rdt), _abs_sq(g), r)
-  if store_dtype != rdt:
-    nu = _cast(_cast(nu, store_dtype), rdt)  # round to storage first
+  nu_st = store("nu")
+  nu = _store(_ema(load(nu, rdt), _abs_sq(g), r), nu_st, r, cfg)
+  nu_used = load(nu, rdt)  # the stored value, as the next step will see it
   mu_hat = None
   if cfg.centered:
-    mu = _ema(_cast(mu, cdt), g, c)
-    mu_hat = _debias(mu, c)
-  u = lax.mul(_cast(_rms_scale(_debias(nu, r), mu_hat, r, cfg), cdt), g)
+    mu_new = _ema(load(mu, cdt), g, c)
+    mu = _store(mu_new, store("mu"), r, cfg)
+    mu_hat = _debias(load(mu, cdt), c)
+  u = lax.mul(_cast(_rms_scale(_debias(nu_used, r), mu_hat, r, cfg), cdt), g)
   if cfg.scale_by_learning_rate:
+    if cfg.momentum:
+      trace_in = load(trace, cdt)
     if not cfg.momentum:
       u = lax.mul(c.s.neg_lr, u)
     elif cfg.lr_inside_momentum:  # optax, Keras, TF1
-      u, trace = _momentum(lax.mul(c.s.neg_lr, u), _cast(trace, cdt), c, cfg)
+      u, trace_new = _momentum(lax.mul(c.s.neg_lr, u), trace_in, c, cfg)
     else:  # PyTorch: the buffer holds unscaled steps
-      u, trace = _momentum(u, _cast(trace, cdt), c, cfg)
+      u, trace_new = _momentum(u, trace_in, c, cfg)
       u = lax.mul(c.s.neg_lr, u)
+    if cfg.momentum:
+      trace = _store(trace_new, store("trace"), r, cfg)
     if cfg.weight_decay == "decoupled":
       u = lax.sub(u, lax.mul(c.s.decoupled_wd, _cast(p, cdt)))
   return _Leaf(_cast(u, out_dtype), nu, mu, trace)
@@ -287,9 +362,13 @@ def _leaf_update(
 # ---------------------------------------------------------------------------
 
 
+def _is_stored_leaf(x: Any) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
 def _check_trees(updates: Any, state: RMSPropState, params: Any, cfg: Config) -> None:
   """Structure and shape checks; they run when the update is traced."""
-  _checks.check_same_tree("updates", updates, state.nu, "state.nu")
+  _checks.check_same_tree("updates", updates, state.nu, "state.nu", is_leaf=_is_stored_leaf)
   if cfg.weight_decay is not None:
     if params is None:
       raise ValueError("params must be passed to update(updates, state, params) when weight_decay is used")
@@ -299,11 +378,6 @@ def _check_trees(updates: Any, state: RMSPropState, params: Any, cfg: Config) ->
 def _leaves_or_none(treedef: Any, tree: Any) -> list[Any]:
   """``tree``'s leaves in ``treedef``'s order, or Nones if ``tree`` is None."""
   return [None] * treedef.num_leaves if tree is None else treedef.flatten_up_to(tree)
-
-
-def _stored(new: list[jax.Array], old: list[Any], dtype: Any = None) -> list[Any]:
-  """New moments cast to their storage dtype (``dtype``, else the old one)."""
-  return [None if o is None else _cast(n, dtype or o.dtype) for n, o in zip(new, old)]
 
 
 def _update_tree(
@@ -318,13 +392,13 @@ def _update_tree(
   g_leaves, treedef = jax.tree.flatten(updates)
   old = [_leaves_or_none(treedef, t) for t in (params, state.nu, state.mu, state.trace)]
   consts = _consts_factory(scalars)
-  leaves = [_leaf_update(*args, consts, cfg) for args in zip(g_leaves, *old)]
+  leaves = [_leaf_update(*args, i, consts, cfg) for i, args in enumerate(zip(g_leaves, *old))]
   unflat = lambda xs: jax.tree.unflatten(treedef, xs)
   new_state = RMSPropState(
     count=optax.safe_increment(state.count),
-    nu=unflat(_stored([x.nu for x in leaves], old[1], cfg.nu_dtype)),
-    mu=unflat(_stored([x.mu for x in leaves], old[2])) if cfg.centered else None,
-    trace=unflat(_stored([x.trace for x in leaves], old[3])) if cfg.momentum else None,
+    nu=unflat([x.nu for x in leaves]),
+    mu=unflat([x.mu for x in leaves]) if cfg.centered else None,
+    trace=unflat([x.trace for x in leaves]) if cfg.momentum else None,
   )
   return unflat([x.update for x in leaves]), new_state
 
@@ -333,24 +407,30 @@ def last_step_size(state: RMSPropState, cfg: Config, hp: Hyperparams) -> optax.U
   """Per parameter, the factor the last step multiplied the gradient by.
 
   ``lr_t * _rms_scale(...)`` of the step that produced ``state``, computed by
-  the update's own functions (same eps placement, bias correction, centering
-  and zero-denominator rule), so it cannot disagree with the update.
+  the update's own functions (same storage, eps placement, bias correction,
+  centering and zero-denominator rule), so it cannot disagree with the update.
   """
   scalars = step_scalars(hp, jnp.maximum(state.count - 1, 0), cfg)
   consts = _consts_factory(scalars)
 
-  def one(nu: jax.Array, mu: jax.Array | None) -> jax.Array:
-    rdt = _real_dtype(_compute_dtype(nu.dtype))
-    r = consts(rdt)
+  def one(nu: Any, mu: Any) -> jax.Array:
+    nu = load(nu, _real_dtype(_compute_dtype(_stored_dtype(nu))))
+    r = consts(nu.dtype)
     mu_hat = None
     if mu is not None:
-      mu_hat = _debias(_cast(mu, _compute_dtype(mu.dtype)), consts(_compute_dtype(mu.dtype)))
-    scale = _rms_scale(_debias(_cast(nu, rdt), r), mu_hat, r, cfg)
+      cdt = _compute_dtype(_stored_dtype(mu))
+      mu_hat = _debias(load(mu, cdt), consts(cdt))
+    scale = _rms_scale(_debias(nu, r), mu_hat, r, cfg)
     return scale if r.s.neg_lr is None else lax.mul(lax.neg(r.s.neg_lr), scale)
 
-  treedef = jax.tree.structure(state.nu)
+  treedef = jax.tree.structure(state.nu, is_leaf=_is_stored_leaf)
   nus, mus = treedef.flatten_up_to(state.nu), _leaves_or_none(treedef, state.mu)
   return jax.tree.unflatten(treedef, [one(n, m) for n, m in zip(nus, mus)])
+
+
+def _stored_dtype(x: Any) -> Any:
+  """The dtype a stored moment is computed in from: float32 for 8-bit codes."""
+  return jnp.float32 if isinstance(x, QuantizedArray) else x.dtype
 
 
 def _full_like(p: Any, value: Any, dtype: Any) -> jax.Array:
@@ -369,17 +449,24 @@ def _full_like(p: Any, value: Any, dtype: Any) -> jax.Array:
 
 
 def _init_tree(params: optax.Params, initial_scale: Any, cfg: Config) -> RMSPropState:
-  def nu_like(p):
-    return _full_like(p, initial_scale, cfg.nu_dtype or _real_dtype(jnp.result_type(p)))
+  leaves, treedef = jax.tree.flatten(params)
 
-  def zeros_like(p):
-    return _full_like(p, 0, jnp.result_type(p))
+  def init(moment: str, value: Any) -> Any:
+    out = []
+    for i, p in enumerate(leaves):
+      dtype = jnp.result_type(p)
+      st = _store_for(moment, tuple(p.shape), dtype, i, cfg)
+      if st.quantized:  # a constant: exact, no random bits needed
+        out.append(quantize.quantize(_full_like(p, value, jnp.float32), signed=st.signed))
+      else:
+        out.append(_full_like(p, value, st.dtype))
+    return jax.tree.unflatten(treedef, out)
 
   return RMSPropState(
     count=jnp.zeros([], jnp.int32),
-    nu=jax.tree.map(nu_like, params),
-    mu=jax.tree.map(zeros_like, params) if cfg.centered else None,
-    trace=jax.tree.map(zeros_like, params) if cfg.momentum else None,
+    nu=init("nu", initial_scale),
+    mu=init("mu", 0) if cfg.centered else None,
+    trace=init("trace", 0) if cfg.momentum else None,
   )
 
 
@@ -407,6 +494,29 @@ def settings_of(opt: Any) -> tuple[Config, Hyperparams] | None:
     return None
 
 
+def _checked_storage(cfg: Config) -> Config:
+  """Validates and normalises the storage options of ``cfg``."""
+  if cfg.nu_dtype is not None:
+    nu_dtype = jnp.dtype(cfg.nu_dtype)
+    if not jnp.issubdtype(nu_dtype, jnp.floating):
+      raise TypeError(f"nu_dtype must be a real floating dtype, got {nu_dtype}")
+    cfg = cfg._replace(nu_dtype=nu_dtype)
+  _checks.check_choice("rounding", cfg.rounding, ROUNDINGS)
+  state_bits = _checks.static_int("state_bits", cfg.state_bits, allow_none=True)
+  _checks.check_choice("state_bits", state_bits, (None, 8))
+  min_size = cfg.min_quantize_size
+  min_size = (
+    quantize.MIN_QUANTIZE_SIZE if min_size is None else _checks.static_int("min_quantize_size", min_size)
+  )
+  if min_size < 1:
+    raise ValueError(f"min_quantize_size must be >= 1, got {min_size}")
+  if state_bits is not None and cfg.nu_dtype is not None:
+    raise ValueError(
+      f"state_bits={state_bits} and nu_dtype={cfg.nu_dtype} both set the storage of nu; pass one of them"
+    )
+  return cfg._replace(state_bits=state_bits, min_quantize_size=min_size)
+
+
 def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationExtraArgs:
   """Builds the transformation for a validated ``cfg`` and ``hp``.
 
@@ -414,11 +524,8 @@ def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationE
   :func:`rmsprop_jax.rmsprop` and every preset; beyond the tree checks in
   ``init`` and ``update`` it only refuses what the core cannot compute.
   """
-  if cfg.nu_dtype is not None:
-    nu_dtype = jnp.dtype(cfg.nu_dtype)
-    if not jnp.issubdtype(nu_dtype, jnp.floating):
-      raise TypeError(f"nu_dtype must be a real floating dtype, got {nu_dtype}")
-    cfg = cfg._replace(nu_dtype=nu_dtype)
+  cfg = _checked_storage(cfg)
+  _checks.check_seed("seed", hp.seed)
   if cfg.bias_correction and callable(hp.decay):
     raise ValueError(
       "bias_correction=True needs a constant decay, got the schedule"
@@ -459,6 +566,10 @@ def scale_by_rms(
   centered: bool = False,
   bias_correction: bool = False,
   nu_dtype: Any = None,
+  state_bits: int | None = None,
+  rounding: str = "stochastic",
+  seed: jax.typing.ArrayLike = 0,
+  min_quantize_size: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by the root of an exponential moving average of squares.
 
@@ -493,6 +604,13 @@ def scale_by_rms(
       its memory); the arithmetic is done in float32 or wider regardless, and
       the step divides by the stored (rounded) ``nu``. None keeps the
       parameters' (real) dtype.
+    state_bits: 8 stores ``nu`` (and ``mu``) as 8-bit codes with a float32
+      scale per block of 256 values; see :func:`rmsprop_jax.rmsprop`.
+    rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` rounding of state
+      stored narrower than it is computed; see :func:`rmsprop_jax.rmsprop`.
+    seed: integer >= 0 of the stochastic rounding's random bits.
+    min_quantize_size: with ``state_bits=8``, leaves with fewer entries stay
+      unquantized; None means 4096.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is an
@@ -520,6 +638,9 @@ def scale_by_rms(
     bias_correction=bias_correction,
     nu_dtype=nu_dtype,
     scale_by_learning_rate=False,
+    rounding=rounding,
+    state_bits=state_bits,
+    min_quantize_size=min_quantize_size,
   )
-  hp = Hyperparams(decay=decay, eps=eps, initial_scale=initial_scale)
+  hp = Hyperparams(decay=decay, eps=eps, initial_scale=initial_scale, seed=seed)
   return fused_rmsprop(cfg, hp)

@@ -65,13 +65,14 @@ def test_bfloat16_second_moment_halves_state_and_tracks_float32():
   assert_updates_close(b16, f32, rtol=1e-2, atol=1e-6)
 
 
-def test_bfloat16_second_moment_steps_with_the_stored_rounded_value():
+def test_bfloat16_second_moment_rounded_to_nearest_steps_with_the_stored_value():
   ml_dtypes = pytest.importorskip("ml_dtypes")
   to_bf16 = lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float64)
   grads = fixed_grads(20, seed=15)
   expected, _ = reference_updates(PARAMS0, grads, lr=0.01, eps=1e-6, nu_round=to_bf16)
   unrounded, _ = reference_updates(PARAMS0, grads, lr=0.01, eps=1e-6)
-  actual, state = run(rmsprop_jax.rmsprop(0.01, eps=1e-6, nu_dtype=jnp.bfloat16), grads)
+  opt = rmsprop_jax.rmsprop(0.01, eps=1e-6, nu_dtype=jnp.bfloat16, rounding="nearest")
+  actual, state = run(opt, grads)
   assert_updates_close(actual, expected, rtol=4e-3, atol=1e-9)  # one bfloat16 ulp
   err = lambda ref: max(np.abs(a[k] - e[k]).max() for a, e in zip(actual, ref) for k in e)
   assert err(expected) < err(unrounded) / 4
