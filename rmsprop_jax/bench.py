@@ -24,19 +24,19 @@ from typing import Any
 
 # case -> (description, implementations compared, target ratio ours/optax)
 CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "big_tree": (
-        "conv-net-like tree (16M params), jitted step, donated", ("optax", "ours", "torch"), "<= 1.0"
-    ),
-    "big_tree_bf16": ("same, ours with nu_dtype=bfloat16", ("optax", "ours_bf16"), "<= 1.0"),
-    "many_leaves_scan": ("600 leaves x 1,000 params, per step inside lax.scan", ("optax", "ours"), "<= 1.0"),
-    "many_leaves_step": ("600 leaves x 1,000 params, one jitted step per call", ("optax", "ours"), "-"),
-    "compile_600": ("compile time of the 600-leaf jitted step", ("optax", "ours"), "<= 1.0"),
-    "eager_update": ("un-jitted update, 100 leaves x 20k params", ("optax", "ours"), "<= 0.15"),
-    "one_big_leaf": ("one 16M-param leaf, jitted step, donated", ("optax", "ours"), "<= 1.0"),
-    "scale_out": (
-        "8 host devices, data-parallel step, state replicated vs sharded over data (ZeRO-1)",
-        ("replicated", "zero1"), "-",
-    ),
+  "big_tree": ("conv-net-like tree (16M params), jitted step, donated", ("optax", "ours", "torch"), "<= 1.0"),
+  "big_tree_bf16": ("same, ours with nu_dtype=bfloat16", ("optax", "ours_bf16"), "<= 0.85"),
+  "big_tree_8bit": ("same, ours with state_bits=8", ("optax", "ours_8bit"), "<= 1.0"),
+  "many_leaves_scan": ("600 leaves x 1,000 params, per step inside lax.scan", ("optax", "ours"), "<= 1.0"),
+  "many_leaves_step": ("600 leaves x 1,000 params, one jitted step per call", ("optax", "ours"), "-"),
+  "compile_600": ("compile time of the 600-leaf jitted step", ("optax", "ours"), "<= 1.0"),
+  "eager_update": ("un-jitted update, 100 leaves x 20k params", ("optax", "ours"), "<= 0.15"),
+  "one_big_leaf": ("one 16M-param leaf, jitted step, donated", ("optax", "ours"), "<= 1.0"),
+  "scale_out": (
+    "8 host devices, data-parallel step, state replicated vs sharded over data (ZeRO-1)",
+    ("replicated", "zero1"),
+    "-",
+  ),
 }
 
 # Cases that need several devices, and how many: their workers (and only
@@ -68,8 +68,8 @@ def _tree(shapes, dtype="float32", seed=0):
 
   rng = np.random.default_rng(seed)
   return {
-      f"p{i:03d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype=jnp.dtype(dtype))
-      for i, s in enumerate(shapes)
+    f"p{i:03d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype=jnp.dtype(dtype))
+    for i, s in enumerate(shapes)
   }
 
 
@@ -97,14 +97,21 @@ def _make_opt(impl: str):
     return rmsprop(1e-3)
   if impl == "ours_bf16":
     return rmsprop(1e-3, nu_dtype=jnp.bfloat16)
+  if impl == "ours_8bit":
+    return rmsprop(1e-3, state_bits=8)
   raise ValueError(impl)
 
 
 # ----------------------------------------------------------------- timing
 
 
-def _median_time(launch: Callable[[], Any], iters: int, warmup: int = 2,
-                 wait: Callable[[Any], Any] | None = None, min_sample_s: float = 2e-3) -> float:
+def _median_time(
+  launch: Callable[[], Any],
+  iters: int,
+  warmup: int = 2,
+  wait: Callable[[Any], Any] | None = None,
+  min_sample_s: float = 2e-3,
+) -> float:
   """Median seconds per call of ``launch`` (which returns what ``wait`` blocks on).
 
   Each sample runs enough calls back to back, then waits once, to last at least
@@ -175,12 +182,17 @@ def xla_bytes_accessed(compiled) -> float | None:
   return float(cost["bytes accessed"])
 
 
-def _bytes_per_step(params, nu_bytes_per_elem: int) -> int:
+def _ours_key(med: dict[str, Any]) -> str:
+  """Which of our implementations a case compares with optax."""
+  return next((k for k in ("ours_bf16", "ours_8bit") if k in med), "ours")
+
+
+def _bytes_per_step(params, nu_bytes_per_elem: float) -> int:
   """Minimal traffic of a plain RMSProp step: read g, p, nu; write p, nu."""
   import jax
 
   n = sum(x.size for x in jax.tree.leaves(params))
-  return n * (3 * 4 + 2 * nu_bytes_per_elem)
+  return int(n * (3 * 4 + 2 * nu_bytes_per_elem))
 
 
 def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
@@ -190,9 +202,13 @@ def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
 
   shapes = _case_shapes(case, quick)
   iters = 3 if quick else 20
-  out: dict[str, Any] = {"case": case, "impl": impl, "device": jax.devices()[0].device_kind,
-                         "n_params": sum(math.prod(s) for s in shapes),
-                         "n_leaves": len(shapes)}
+  out: dict[str, Any] = {
+    "case": case,
+    "impl": impl,
+    "device": jax.devices()[0].device_kind,
+    "n_params": sum(math.prod(s) for s in shapes),
+    "n_leaves": len(shapes),
+  }
   if impl == "torch":
     return {**out, **_run_torch(shapes, iters)}
   if case == "scale_out":
@@ -208,6 +224,7 @@ def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
     return optax.apply_updates(p, u), s
 
   if case == "eager_update":
+
     def call():
       u, _ = opt.update(grads, state, params)
       return u
@@ -249,8 +266,8 @@ def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
 
   t = _median_time(call, iters)
   out["time_s"] = t / (length if case == "many_leaves_scan" else 1)
-  if case in ("big_tree", "big_tree_bf16", "one_big_leaf"):
-    nu_b = 2 if impl == "ours_bf16" else 4
+  if case in ("big_tree", "big_tree_bf16", "big_tree_8bit", "one_big_leaf"):
+    nu_b = {"ours_bf16": 2, "ours_8bit": 1 + 4 / 256}.get(impl, 4)
     out["bytes_per_step"] = _bytes_per_step(params, nu_b)
   return out
 
@@ -284,8 +301,7 @@ def _run_torch(shapes, iters) -> dict[str, Any]:
 def _host_devices_env(n: int) -> dict[str, str]:
   """Environment for a worker on ``n`` host CPU devices (the flag appended last wins)."""
   flags = os.environ.get("XLA_FLAGS", "")
-  return {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}".strip(),
-          "JAX_PLATFORMS": "cpu"}
+  return {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}".strip(), "JAX_PLATFORMS": "cpu"}
 
 
 def _scale_out_opt():
@@ -299,8 +315,12 @@ def state_bytes_per_device(state_shapes, shardings) -> int:
   import jax
   import numpy as np
 
-  return int(sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                 for x, sh in zip(jax.tree.leaves(state_shapes), jax.tree.leaves(shardings))))
+  return int(
+    sum(
+      math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+      for x, sh in zip(jax.tree.leaves(state_shapes), jax.tree.leaves(shardings))
+    )
+  )
 
 
 def scale_out_table(quick: bool = False, devices: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, Any]:
@@ -316,13 +336,17 @@ def scale_out_table(quick: bool = False, devices: tuple[int, ...] = (1, 2, 4, 8)
   shapes = conv_net_shapes(quick)
   params = {f"p{i:03d}": jax.ShapeDtypeStruct(s, "float32") for i, s in enumerate(shapes)}
   variants = {
-      "rmsprop": rmsprop(1e-3),
-      "momentum": rmsprop(1e-3, momentum=0.9),
-      "centered+momentum": rmsprop(1e-3, momentum=0.9, centered=True),
+    "rmsprop": rmsprop(1e-3),
+    "momentum": rmsprop(1e-3, momentum=0.9),
+    "centered+momentum": rmsprop(1e-3, momentum=0.9, centered=True),
   }
   n_params = sum(math.prod(s) for s in shapes)
-  table: dict[str, Any] = {"n_params": n_params, "params_bytes_per_device": 4 * n_params,
-                           "replicated": {}, "zero1": {}}
+  table: dict[str, Any] = {
+    "n_params": n_params,
+    "params_bytes_per_device": 4 * n_params,
+    "replicated": {},
+    "zero1": {},
+  }
   for name, opt in variants.items():
     state = jax.eval_shape(opt.init, params)
     table["replicated"][name] = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
@@ -362,8 +386,10 @@ def _run_scale_out(impl: str, quick: bool, iters: int) -> dict[str, Any]:
 
   n = HOST_DEVICES["scale_out"]
   if jax.device_count() < n:
-    raise RuntimeError(f"scale_out needs {n} devices, found {jax.device_count()}; run it with"
-                       f" XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    raise RuntimeError(
+      f"scale_out needs {n} devices, found {jax.device_count()}; run it with"
+      f" XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+    )
   mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
   replicated, per_device = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   shapes = conv_net_shapes(quick)
@@ -374,7 +400,8 @@ def _run_scale_out(impl: str, quick: bool, iters: int) -> dict[str, Any]:
   def local_grads(shape):
     g = rng.standard_normal(shape, dtype=np.float32)
     return jax.make_array_from_callback(
-        (n, *shape), per_device, lambda idx: (g * (1 + 0.1 * idx[0].start))[None])
+      (n, *shape), per_device, lambda idx: (g * (1 + 0.1 * idx[0].start))[None]
+    )
 
   grads = {k: local_grads(s) for k, s in zip(params, shapes)}
   if impl == "zero1":
@@ -392,14 +419,16 @@ def _run_scale_out(impl: str, quick: bool, iters: int) -> dict[str, Any]:
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  fn = jax.jit(step, in_shardings=(p_sh, s_sh, g_sh), out_shardings=(p_sh, s_sh),
-               donate_argnums=(0, 1))
+  fn = jax.jit(step, in_shardings=(p_sh, s_sh, g_sh), out_shardings=(p_sh, s_sh), donate_argnums=(0, 1))
   t0 = time.perf_counter()
   compiled = fn.lower(params, state, grads).compile()
-  out: dict[str, Any] = {"compile_s": time.perf_counter() - t0, "n_devices": n,
-                         "state_bytes": _state_bytes(state),
-                         "state_bytes_per_device": max(_bytes_on_each_device(state).values()),
-                         "params_bytes_per_device": max(_bytes_on_each_device(params).values())}
+  out: dict[str, Any] = {
+    "compile_s": time.perf_counter() - t0,
+    "n_devices": n,
+    "state_bytes": _state_bytes(state),
+    "state_bytes_per_device": max(_bytes_on_each_device(state).values()),
+    "params_bytes_per_device": max(_bytes_on_each_device(params).values()),
+  }
   carry = [params, state]
 
   def call():
@@ -418,16 +447,20 @@ def _summarize_scale_out(case: str, runs: dict[str, list[dict[str, Any]]]) -> di
     ts = [r["time_s"] for r in rs]
     med[impl] = statistics.median(ts)
     spread[impl] = (max(ts) - min(ts)) / med[impl] if med[impl] else 0.0
-  row: dict[str, Any] = {"case": case, "what": CASES[case][0], "target": CASES[case][2],
-                         "median_s": med, "spread": spread,
-                         "state_bytes_per_device": {i: rs[0]["state_bytes_per_device"]
-                                                    for i, rs in runs.items()},
-                         "params_bytes_per_device": runs["replicated"][0]["params_bytes_per_device"],
-                         "compile_s": {i: statistics.median([r["compile_s"] for r in rs])
-                                       for i, rs in runs.items()}}
+  row: dict[str, Any] = {
+    "case": case,
+    "what": CASES[case][0],
+    "target": CASES[case][2],
+    "median_s": med,
+    "spread": spread,
+    "state_bytes_per_device": {i: rs[0]["state_bytes_per_device"] for i, rs in runs.items()},
+    "params_bytes_per_device": runs["replicated"][0]["params_bytes_per_device"],
+    "compile_s": {i: statistics.median([r["compile_s"] for r in rs]) for i, rs in runs.items()},
+  }
   row["ratio_zero1_vs_replicated"] = med["zero1"] / med["replicated"]
-  row["state_bytes_ratio"] = (row["state_bytes_per_device"]["zero1"]
-                              / row["state_bytes_per_device"]["replicated"])
+  row["state_bytes_ratio"] = (
+    row["state_bytes_per_device"]["zero1"] / row["state_bytes_per_device"]["replicated"]
+  )
   if "by_devices" in runs["zero1"][0]:
     row["by_devices"] = runs["zero1"][0]["by_devices"]
   return row
@@ -436,26 +469,35 @@ def _summarize_scale_out(case: str, runs: dict[str, list[dict[str, Any]]]) -> di
 def _format_scale_out(r: dict[str, Any]) -> list[str]:
   med, sb = r["median_s"], r["state_bytes_per_device"]
   lines = [
-      "",
-      f"{r['case']}: {r['what']} (rmsprop momentum=0.9)",
-      f"  {'state':<11}{'step (ms)':>11}{'spread':>8}{'state MB / device':>19}"
-      f"{'params MB / device':>20}{'compile (s)':>13}",
+    "",
+    f"{r['case']}: {r['what']} (rmsprop momentum=0.9)",
+    f"  {'state':<11}{'step (ms)':>11}{'spread':>8}{'state MB / device':>19}"
+    f"{'params MB / device':>20}{'compile (s)':>13}",
   ]
   for impl in ("replicated", "zero1"):
-    lines.append(f"  {impl:<11}{med[impl] * 1e3:>11.2f}{r['spread'][impl] * 100:>7.0f}%"
-                 f"{sb[impl] / 1e6:>19.2f}{r['params_bytes_per_device'] / 1e6:>20.2f}"
-                 f"{r['compile_s'][impl]:>13.2f}")
-  lines.append(f"  zero1 / replicated: step time {r['ratio_zero1_vs_replicated']:.2f},"
-               f" state bytes per device {r['state_bytes_ratio']:.3f}")
+    lines.append(
+      f"  {impl:<11}{med[impl] * 1e3:>11.2f}{r['spread'][impl] * 100:>7.0f}%"
+      f"{sb[impl] / 1e6:>19.2f}{r['params_bytes_per_device'] / 1e6:>20.2f}"
+      f"{r['compile_s'][impl]:>13.2f}"
+    )
+  lines.append(
+    f"  zero1 / replicated: step time {r['ratio_zero1_vs_replicated']:.2f},"
+    f" state bytes per device {r['state_bytes_ratio']:.3f}"
+  )
   by = r.get("by_devices")
   if by:
     ns = list(next(iter(by["zero1"].values())))
-    lines.append(f"  state MB per device with ZeRO-1 ({by['n_params'] / 1e6:.1f}M params,"
-                 f" {by['params_bytes_per_device'] / 1e6:.1f} MB of params per device):")
+    lines.append(
+      f"  state MB per device with ZeRO-1 ({by['n_params'] / 1e6:.1f}M params,"
+      f" {by['params_bytes_per_device'] / 1e6:.1f} MB of params per device):"
+    )
     lines.append(f"  {'devices':<20}" + "".join(f"{n:>9}" for n in ns) + f"{'replicated':>12}")
     for name, per in by["zero1"].items():
-      lines.append(f"  {name:<20}" + "".join(f"{per[n] / 1e6:>9.2f}" for n in ns)
-                   + f"{by['replicated'][name] / 1e6:>12.2f}")
+      lines.append(
+        f"  {name:<20}"
+        + "".join(f"{per[n] / 1e6:>9.2f}" for n in ns)
+        + f"{by['replicated'][name] / 1e6:>12.2f}"
+      )
   return lines
 
 
@@ -479,8 +521,9 @@ def _bandwidth_worker(quick: bool) -> float:
   return float(res.stdout.strip().splitlines()[-1])
 
 
-def collect(repeats: int = 5, quick: bool = False, cases: list[str] | None = None,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+def collect(
+  repeats: int = 5, quick: bool = False, cases: list[str] | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
   """Runs the cases in separate processes, alternating implementations."""
   cases = list(cases or CASES)
   for c in cases:
@@ -496,8 +539,10 @@ def collect(repeats: int = 5, quick: bool = False, cases: list[str] | None = Non
       order = impls if r % 2 == 0 else tuple(reversed(impls))
       for impl in order:
         runs[impl].append(_worker(case, impl, quick))
-        log(f"  {case:<18} {impl:<10} run {r + 1}/{repeats}: "
-            f"{runs[impl][-1].get('time_s', float('nan')) * 1e3:9.3f} ms")
+        log(
+          f"  {case:<18} {impl:<10} run {r + 1}/{repeats}: "
+          f"{runs[impl][-1].get('time_s', float('nan')) * 1e3:9.3f} ms"
+        )
     results["cases"][case] = runs
   return results
 
@@ -517,9 +562,14 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
       if ts:
         med[impl] = statistics.median(ts)
         spread[impl] = (max(ts) - min(ts)) / med[impl] if med[impl] else 0.0
-    ours_key = "ours_bf16" if "ours_bf16" in med else "ours"
-    row: dict[str, Any] = {"case": case, "what": CASES[case][0], "target": CASES[case][2],
-                           "median_s": med, "spread": spread}
+    ours_key = _ours_key(med)
+    row: dict[str, Any] = {
+      "case": case,
+      "what": CASES[case][0],
+      "target": CASES[case][2],
+      "median_s": med,
+      "spread": spread,
+    }
     if "optax" in med and ours_key in med:
       row["ratio_vs_optax"] = med[ours_key] / med["optax"]
     if "torch" in med and ours_key in med:
@@ -529,14 +579,16 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
       row["pct_bandwidth"] = 100 * first["bytes_per_step"] / med[ours_key] / bw
       opt_first = runs["optax"][0]
       row["pct_bandwidth_optax"] = 100 * opt_first["bytes_per_step"] / med["optax"] / bw
-    xb = {i: rs[0]["xla_bytes_per_param"] for i, rs in runs.items()
-          if rs and "xla_bytes_per_param" in rs[0]}
+    xb = {i: rs[0]["xla_bytes_per_param"] for i, rs in runs.items() if rs and "xla_bytes_per_param" in rs[0]}
     if xb:
       row["xla_bytes_per_param"] = xb
       if "optax" in xb and ours_key in xb:
         row["xla_bytes_ratio"] = xb[ours_key] / xb["optax"]
-    comp = {i: statistics.median([r["compile_s"] for r in rs]) for i, rs in runs.items()
-            if rs and "compile_s" in rs[0]}
+    comp = {
+      i: statistics.median([r["compile_s"] for r in rs])
+      for i, rs in runs.items()
+      if rs and "compile_s" in rs[0]
+    }
     if comp:
       row["compile_s"] = comp
     sb = {i: rs[0]["state_bytes"] for i, rs in runs.items() if rs and "state_bytes" in rs[0]}
@@ -550,43 +602,47 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
   lines = [
-      f"streaming bandwidth (XLA triad, this run): {results['bandwidth_Bps'] / 1e9:.1f} GB/s",
-      "",
-      f"{'case':<18}{'ours (ms)':>11}{'optax (ms)':>12}{'ours/optax':>12}{'target':>9}"
-      f"{'spread':>8}{'% bw':>7}{'vs torch':>10}{'compile ours/optax (s)':>24}{'state ours/optax':>18}"
-      f"{'XLA bytes ours/optax':>22}",
+    f"streaming bandwidth (XLA triad, this run): {results['bandwidth_Bps'] / 1e9:.1f} GB/s",
+    "",
+    f"{'case':<18}{'ours (ms)':>11}{'optax (ms)':>12}{'ours/optax':>12}{'target':>9}"
+    f"{'spread':>8}{'% bw':>7}{'vs torch':>10}{'compile ours/optax (s)':>24}{'state ours/optax':>18}"
+    f"{'XLA bytes ours/optax':>22}",
   ]
   for r in (r for r in rows if r["case"] not in HOST_DEVICES):
     med = r["median_s"]
-    ours_key = "ours_bf16" if "ours_bf16" in med else "ours"
+    ours_key = _ours_key(med)
     comp = r.get("compile_s", {})
     comp_s = f"{comp.get(ours_key, float('nan')):.2f}/{comp.get('optax', float('nan')):.2f}" if comp else "-"
     sb = r.get("state_bytes_ratio")
     xb = r.get("xla_bytes_per_param", {})
-    xb_s = (f"{xb[ours_key]:.1f}/{xb['optax']:.1f} B" if ours_key in xb and "optax" in xb else "-")
+    xb_s = f"{xb[ours_key]:.1f}/{xb['optax']:.1f} B" if ours_key in xb and "optax" in xb else "-"
     lines.append(
-        f"{r['case']:<18}{med.get(ours_key, float('nan')) * 1e3:>11.3f}"
-        f"{med.get('optax', float('nan')) * 1e3:>12.3f}{r.get('ratio_vs_optax', float('nan')):>12.3f}"
-        f"{r['target']:>9}{max(r['spread'].values()) * 100:>7.0f}%"
-        f"{r.get('pct_bandwidth', float('nan')):>7.0f}"
-        f"{(str(round(r['speedup_vs_torch'], 1)) + 'x') if 'speedup_vs_torch' in r else '-':>10}"
-        f"{comp_s:>24}{(f'{sb:.2f}' if sb else '-'):>18}{xb_s:>22}"
+      f"{r['case']:<18}{med.get(ours_key, float('nan')) * 1e3:>11.3f}"
+      f"{med.get('optax', float('nan')) * 1e3:>12.3f}{r.get('ratio_vs_optax', float('nan')):>12.3f}"
+      f"{r['target']:>9}{max(r['spread'].values()) * 100:>7.0f}%"
+      f"{r.get('pct_bandwidth', float('nan')):>7.0f}"
+      f"{(str(round(r['speedup_vs_torch'], 1)) + 'x') if 'speedup_vs_torch' in r else '-':>10}"
+      f"{comp_s:>24}{(f'{sb:.2f}' if sb else '-'):>18}{xb_s:>22}"
     )
-  skipped = sorted({r["skipped"] for runs in results["cases"].values() for r in runs.get("torch", [])
-                    if "skipped" in r})
+  skipped = sorted(
+    {r["skipped"] for runs in results["cases"].values() for r in runs.get("torch", []) if "skipped" in r}
+  )
   lines += [f"torch: {why}" for why in skipped]
   lines += [line for r in rows if r["case"] in HOST_DEVICES for line in _format_scale_out(r)]
   lines.append("")
-  lines.append("ratios: medians over processes (alternating order); spread: (max-min)/median of"
-               " the per-process medians; % bw: minimal bytes of a step / time / triad bandwidth;"
-               " vs torch: torch.optim.RMSprop(foreach=True) time / ours; XLA bytes: bytes read and"
-               " written per parameter per step by XLA's cost analysis of the compiled step"
-               " (deterministic).")
+  lines.append(
+    "ratios: medians over processes (alternating order); spread: (max-min)/median of"
+    " the per-process medians; % bw: minimal bytes of a step / time / triad bandwidth;"
+    " vs torch: torch.optim.RMSprop(foreach=True) time / ours; XLA bytes: bytes read and"
+    " written per parameter per step by XLA's cost analysis of the compiled step"
+    " (deterministic)."
+  )
   return "\n".join(lines)
 
 
-def main(repeats: int = 5, quick: bool = False, cases: list[str] | None = None,
-         json_path: str | None = None) -> dict[str, Any]:
+def main(
+  repeats: int = 5, quick: bool = False, cases: list[str] | None = None, json_path: str | None = None
+) -> dict[str, Any]:
   """Entry point of ``python -m rmsprop_jax bench``."""
   results = collect(repeats=repeats, quick=quick, cases=cases)
   rows = summarize(results)
