@@ -96,7 +96,7 @@ def _as_u32(v: jax.typing.ArrayLike) -> jax.Array:
   return lax.convert_element_type(v, jnp.uint32)
 
 
-def _global_index(shape: tuple[int, ...]) -> jax.Array:
+def _global_index(shape: tuple[int, ...], sharding: Any = None) -> jax.Array:
   """Each element's row-major index in the whole array (mod 2**32), as uint32.
 
   Built from ``broadcasted_iota`` along each dimension, so under a sharded
@@ -107,7 +107,7 @@ def _global_index(shape: tuple[int, ...]) -> jax.Array:
   idx = None
   stride = 1
   for d in reversed(range(len(shape))):
-    term = lax.broadcasted_iota(jnp.uint32, shape, d)
+    term = lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=sharding)
     if stride != 1:
       term = lax.mul(term, _u32(stride))
     idx = term if idx is None else lax.add(idx, term)
@@ -120,6 +120,8 @@ def random_bits(
   count: jax.typing.ArrayLike,
   leaf_index: int,
   shape: Sequence[int],
+  *,
+  out_sharding: Any = None,
 ) -> jax.Array:
   r"""Uniform random uint32 bits, a hash of step, leaf and element index.
 
@@ -140,6 +142,8 @@ def random_bits(
     leaf_index: static Python int telling the state leaves apart; give each
       leaf (and each of ``nu``, ``mu``, ``trace`` of a parameter) its own.
     shape: the shape of the array to round.
+    out_sharding: the sharding of that array where a mesh with explicit axes
+      types it (``jax.typeof(x).sharding``); None otherwise.
 
   Returns:
     A uint32 array of ``shape``.
@@ -159,8 +163,8 @@ def random_bits(
   k = _mix32(lax.add(_as_u32(seed), _u32(0x9E3779B9)))
   k = _mix32(lax.bitwise_xor(k, _as_u32(count)))
   k = _mix32(lax.add(k, _u32(0x85EBCA6B * (int(leaf_index) + 1))))
-  idx = _global_index(shape)
-  return _mix32(lax.bitwise_xor(idx, lax.broadcast(k, shape)))
+  idx = _global_index(shape, out_sharding)
+  return _mix32(lax.bitwise_xor(idx, k))  # k: a scalar, broadcast like idx
 
 
 def _check_bits(bits: jax.Array, shape: tuple[int, ...]) -> None:
@@ -281,8 +285,8 @@ def _round_bits_variable(x, xb, bits, nmant: int, minexp: int) -> jax.Array:
 
 
 def _full(value: Any, like: jax.Array) -> jax.Array:
-  value = np.asarray(value, like.dtype)
-  return lax.broadcast(value, like.shape) if like.shape else jnp.asarray(value)
+  """``value`` in ``like``'s shape, dtype and sharding."""
+  return lax.full_like(like, np.asarray(value, like.dtype))
 
 
 # ---------------------------------------------------------------------------

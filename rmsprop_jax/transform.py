@@ -283,19 +283,28 @@ def load(x: Any, dtype: Any) -> jax.Array:
   return _cast(x, dtype)
 
 
-def _bits(st: _Store, shape: tuple[int, ...], c: _Consts, cfg: Config) -> jax.Array | None:
+def _bits(st: _Store, x: jax.Array, c: _Consts, cfg: Config) -> jax.Array | None:
   if cfg.rounding == "nearest":
     return None
-  return quantize.random_bits(c.s.seed, c.s.count, st.stream, shape)
+  shape, sharding = tuple(x.shape), _explicit_sharding(x)
+  return quantize.random_bits(c.s.seed, c.s.count, st.stream, shape, out_sharding=sharding)
+
+
+def _explicit_sharding(x: jax.Array) -> Any:
+  """``x``'s sharding where a mesh with explicit axes types it, else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  explicit = getattr(mesh, "explicit_axes", ())
+  return sharding if explicit else None
 
 
 def _store(x: jax.Array, st: _Store, c: _Consts, cfg: Config) -> Any:
   """Rounds a computed moment to its storage (unbiased unless nearest)."""
   if st.quantized:
-    return quantize.quantize(x, signed=st.signed, bits=_bits(st, x.shape, c, cfg))
+    return quantize.quantize(x, signed=st.signed, bits=_bits(st, x, c, cfg))
   if jnp.finfo(st.dtype).bits >= jnp.finfo(x.dtype).bits or jnp.iscomplexobj(x):
     return _cast(x, st.dtype)
-  return quantize.round_to(x, st.dtype, _bits(st, x.shape, c, cfg))
+  return quantize.round_to(x, st.dtype, _bits(st, x, c, cfg))
 
 
 class _Leaf(NamedTuple):
