@@ -258,8 +258,8 @@ SIGNED_MAPS = qz.CODES
 
 
 def section_signed(quick: bool, log) -> dict:
-  n = 4096 if quick else 16384
-  steps = 400 if quick else 3000
+  n = 4096
+  steps = 400 if quick else 2000
   decays = (0.9, 0.99, 0.999)
   out = {"n": n, "steps": steps, "rows": []}
   for code in SIGNED_MAPS:
@@ -298,8 +298,8 @@ ACCURACY_CONFIGS = (
 
 
 def section_accuracy(quick: bool, log) -> dict:
-  n = 4096 if quick else 16384
-  steps = 400 if quick else 3000
+  n = 4096 if quick else 8192
+  steps = 400 if quick else 2000
   decays = (0.9, 0.99, 0.999)
   out = {"n": n, "steps": steps, "rows": []}
   for storage, code, scale in ACCURACY_CONFIGS:
@@ -363,7 +363,7 @@ def section_training(quick: bool, log) -> dict:
 
   data = demo.load_digits(0)
   x_tr, y_tr, x_te, y_te = (jnp.asarray(a) for a in data)
-  steps = 100 if quick else 800
+  steps = 100 if quick else 500
   batches = jnp.asarray(np.random.default_rng(0).integers(0, len(x_tr), size=(steps, 64)))
   params0 = demo.init_mlp(jax.random.key(0), (x_tr.shape[1], 256, 256, 10))
   out = {"steps": steps, "rows": []}
@@ -442,7 +442,7 @@ def _state_bytes(state) -> int:
   return int(sum(x.nbytes for x in jax.tree.leaves(state)))
 
 
-def section_speed(quick: bool, log, rounds: int = 9) -> dict:
+def section_speed(quick: bool, log, rounds: int = 7) -> dict:
   shapes = conv_net_shapes(quick)
   params = _tree(shapes)
   grads = _tree(shapes, seed=1)
