@@ -338,3 +338,34 @@ def test_bfloat16_params_store_moments_stochastically_rounded():
     for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb))
   ]
   assert any(differs)  # the seed reaches the rounding of bfloat16 moments
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest forces 8 host CPUs)")
+def test_state_shardings_split_8bit_codes_and_scales_over_data():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  params = jax.device_put(jax.tree.map(jnp.asarray, BIG), NamedSharding(mesh, P()))
+  opt = rmsprop_jax.rmsprop(0.01, momentum=0.9, state_bits=8)
+  shardings = rmsprop_jax.state_shardings(opt, params, mesh, min_size=1024)
+  state = jax.jit(opt.init, out_shardings=shardings)(params)
+  codes = state.nu["w"].codes
+  assert codes.addressable_shards[0].data.size == codes.size // 8
+  step = jax.jit(opt.update, in_shardings=(None, shardings, None), out_shardings=(None, shardings))
+  _, plain = _run(opt, _grads(2, seed=10))
+  for g in _grads(2, seed=10):
+    _, state = step(jax.tree.map(jnp.asarray, g), state, params)
+  assert state.nu["w"].codes.addressable_shards[0].data.size == codes.size // 8
+  _assert_same_trajectory(jax.device_get(state), jax.device_get(plain))
+
+
+def test_8bit_state_orbax_round_trip(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  opt = rmsprop_jax.rmsprop(0.01, centered=True, state_bits=8)
+  _, state = _run(opt, _grads(2, seed=11))
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "state", state)
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
