@@ -25,6 +25,21 @@ same way. 1-D arrays, and arrays with fewer than 256 elements per row, are
 cut into blocks of 256 consecutive elements of the flattened array (the last
 one shorter); the scale has shape ``(ceil(size / 256),)``. Codes always keep
 the array's shape. Scalars are not quantized.
+
+In an RMSProp update (per leaf, ``g`` the float32 gradient, ``q`` the stored
+second moment, ``i`` a static index per state leaf)::
+
+  g2 = g * g
+  nu = decay * dequantize(q) + (1 - decay) * g2  # float32
+  # An upper bound on every new nu of a block, from the gradient alone:
+  scale = decay * q.scale + (1 - decay) * block_absmax(g2)
+  q = quantize(nu, signed=False, bits=random_bits(seed, count, i, g.shape), scale=scale)
+  # Divide by the stored value (XLA then reads the new codes once), floored
+  # by (1 - decay) g**2 <= nu, which caps the step at 1 / sqrt(1 - decay):
+  u = g * lax.rsqrt(jnp.maximum(dequantize(q), (1 - decay) * g2) + eps)
+
+``block_absmax(nu)`` in place of the bound gives the exact block maximum, with
+the same accuracy and speed (``benchmarks/quant_codes.md``).
 """
 
 from __future__ import annotations
