@@ -92,7 +92,8 @@ def rmsprop(
     state_bits: 8 stores :math:`\nu` (and :math:`\mu`, the momentum buffer)
       as 8-bit codes with one float32 scale per block of 256 values, about a
       quarter of the float32 state's memory; the step divides by the stored
-      value. None (default) keeps them as arrays. Leaves with fewer than
+      value, floored by :math:`(1-\rho) g_t^2` (a bound the exact
+      :math:`\nu_t` always meets). None (default) keeps them as arrays. Leaves with fewer than
       ``min_quantize_size`` entries (biases, norm scales) and complex leaves
       stay unquantized. Needs ``static_args=("state_bits",)`` under
       ``optax.inject_hyperparams``.

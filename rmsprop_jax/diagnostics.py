@@ -70,7 +70,10 @@ def effective_learning_rate(
   Pass the optimizer itself (built by :func:`rmsprop_jax.rmsprop`,
   :func:`rmsprop_jax.scale_by_rms` or a preset): its learning rate or
   schedule, eps and its placement, bias correction and zero-denominator rule
-  are then the update's own, so the two cannot disagree. For
+  are then the update's own, so the two cannot disagree (with ``state_bits=8``
+  the update also floors the decoded ``nu`` at ``(1 - decay) g**2``, which
+  the state alone cannot know: there, for the ~1% of entries where rounding
+  left ``nu`` below that bound, the last step was smaller than this). For
   :func:`~rmsprop_jax.scale_by_rms` (no learning rate) it is the scale
   ``1 / sqrt(nu + eps)``. The older form ``effective_learning_rate(state,
   learning_rate, eps=1e-8, *, eps_in_sqrt=True)`` still works.

@@ -341,8 +341,13 @@ def _leaf_update(
   store = functools.partial(_store_for, p_shape=tuple(g.shape), p_dtype=out_dtype, leaf=leaf, cfg=cfg)
   g = _direction(_cast(g, cdt), p, c, cfg)
   nu_st = store("nu")
-  nu = _store(_ema(load(nu, rdt), _abs_sq(g), r), nu_st, r, cfg)
+  g2 = _abs_sq(g)
+  nu = _store(_ema(load(nu, rdt), g2, r), nu_st, r, cfg)
   nu_used = load(nu, rdt)  # the stored value, as the next step will see it
+  if nu_st.quantized:
+    # nu >= (1 - decay) g**2 holds exactly; flooring the decoded value by it caps a step
+    # whose nu was rounded far down at lr / sqrt(1 - decay), at no cost in bytes.
+    nu_used = lax.max(nu_used, lax.mul(r.s.one_minus_decay, g2))
   mu_hat = None
   if cfg.centered:
     mu_new = _ema(load(mu, cdt), g, c)
