@@ -10,23 +10,27 @@ def _fake_results():
     return [dict(case="big_tree", impl=impl, time_s=t, **extra) for t in times]
 
   return {
-      "bandwidth_Bps": 40e9,
-      "cases": {
-          "big_tree": {
-              "optax": runs("optax", [0.010, 0.012, 0.011], compile_s=0.5,
-                            state_bytes=400, bytes_per_step=200_000_000),
-              "ours": runs("ours", [0.009, 0.008, 0.010], compile_s=0.4,
-                           state_bytes=400, bytes_per_step=200_000_000),
-              "torch": runs("torch", [0.030, 0.040, 0.035]),
-          },
-          "big_tree_bf16": {
-              "optax": runs("optax", [0.010], state_bytes=400, bytes_per_step=200_000_000,
-                            xla_bytes_per_param=28.0),
-              "ours_bf16": runs("ours_bf16", [0.008], state_bytes=200, bytes_per_step=160_000_000,
-                                xla_bytes_per_param=22.0),
-              "torch": [{"case": "big_tree_bf16", "impl": "torch", "skipped": "no CUDA here"}],
-          },
+    "bandwidth_Bps": 40e9,
+    "cases": {
+      "big_tree": {
+        "optax": runs(
+          "optax", [0.010, 0.012, 0.011], compile_s=0.5, state_bytes=400, bytes_per_step=200_000_000
+        ),
+        "ours": runs(
+          "ours", [0.009, 0.008, 0.010], compile_s=0.4, state_bytes=400, bytes_per_step=200_000_000
+        ),
+        "torch": runs("torch", [0.030, 0.040, 0.035]),
       },
+      "big_tree_bf16": {
+        "optax": runs(
+          "optax", [0.010], state_bytes=400, bytes_per_step=200_000_000, xla_bytes_per_param=28.0
+        ),
+        "ours_bf16": runs(
+          "ours_bf16", [0.008], state_bytes=200, bytes_per_step=160_000_000, xla_bytes_per_param=22.0
+        ),
+        "torch": [{"case": "big_tree_bf16", "impl": "torch", "skipped": "no CUDA here"}],
+      },
+    },
   }
 
 

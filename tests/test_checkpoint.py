@@ -17,8 +17,10 @@ GRADS = fixed_grads(10, seed=31)
 
 def _opt():
   return rmsprop_jax.rmsprop(
-      optax.linear_schedule(0.02, 0.001, 10), momentum=0.9, centered=True,
-      nu_dtype=jnp.bfloat16,
+    optax.linear_schedule(0.02, 0.001, 10),
+    momentum=0.9,
+    centered=True,
+    nu_dtype=jnp.bfloat16,
   )
 
 

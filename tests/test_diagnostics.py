@@ -38,9 +38,7 @@ def test_effective_learning_rate_with_a_schedule_uses_the_last_steps_rate():
 
 
 def test_find_state_inside_chain_and_inject_hyperparams():
-  opt = optax.chain(
-      optax.clip(1.0), optax.inject_hyperparams(rmsprop_jax.rmsprop)(learning_rate=0.1)
-  )
+  opt = optax.chain(optax.clip(1.0), optax.inject_hyperparams(rmsprop_jax.rmsprop)(learning_rate=0.1))
   state = opt.init(jnp.zeros(3))
   assert isinstance(find_state(state), rmsprop_jax.RMSPropState)
   eff = rmsprop_jax.effective_learning_rate(state, 0.1, eps=1.0)

@@ -37,8 +37,10 @@ def test_demo_default_run_reaches_95_percent(tmp_path):
 
 def test_help_explains_every_demo_option():
   out = subprocess.run(
-      [sys.executable, "-m", "rmsprop_jax", "demo", "--help"],
-      capture_output=True, text=True, check=True,
+    [sys.executable, "-m", "rmsprop_jax", "demo", "--help"],
+    capture_output=True,
+    text=True,
+    check=True,
   ).stdout
   for flag in ("--out", "--steps", "--seed"):
     assert flag in out

@@ -18,21 +18,15 @@ from rmsprop_jax import presets
 STEPS = 45
 RNG = np.random.default_rng(1234)
 P0 = {
-    "w": RNG.normal(size=(3, 4)).astype(np.float32),
-    "b": RNG.normal(size=(4,)).astype(np.float32),
+  "w": RNG.normal(size=(3, 4)).astype(np.float32),
+  "b": RNG.normal(size=(4,)).astype(np.float32),
 }
-SHIFTS = [
-    {k: RNG.normal(size=v.shape).astype(np.float32) for k, v in P0.items()}
-    for _ in range(STEPS)
-]
+SHIFTS = [{k: RNG.normal(size=v.shape).astype(np.float32) for k, v in P0.items()} for _ in range(STEPS)]
 
 
 def grad_fn(params, t):
   """float32 gradient of sum(p^2/2 + p^4/40 - shift_t * p)."""
-  return {
-      k: (p + np.float32(0.1) * p**3 - SHIFTS[t][k]).astype(np.float32)
-      for k, p in params.items()
-  }
+  return {k: (p + np.float32(0.1) * p**3 - SHIFTS[t][k]).astype(np.float32) for k, p in params.items()}
 
 
 def run_ours(opt):
@@ -57,17 +51,18 @@ def assert_trajectories_close(ours, theirs, rtol=1e-4, atol=1e-6):
 # ----------------------------------------------------------------- PyTorch
 
 TORCH_GRID = {
-    "defaults": {},
-    "alpha 0.9 as in seed 002": dict(alpha=0.9),
-    "eps 1e-3": dict(eps=1e-3),
-    "weight decay": dict(weight_decay=0.05),
-    "momentum": dict(momentum=0.9),
-    "centered": dict(centered=True),
-    "maximize": dict(maximize=True, lr=0.001),
-    "centered with momentum": dict(centered=True, momentum=0.8),
-    "weight decay with momentum": dict(weight_decay=0.1, momentum=0.9),
-    "everything": dict(alpha=0.95, eps=1e-6, weight_decay=0.01, momentum=0.5,
-                       centered=True, maximize=True, lr=0.003),
+  "defaults": {},
+  "alpha 0.9 as in seed 002": dict(alpha=0.9),
+  "eps 1e-3": dict(eps=1e-3),
+  "weight decay": dict(weight_decay=0.05),
+  "momentum": dict(momentum=0.9),
+  "centered": dict(centered=True),
+  "maximize": dict(maximize=True, lr=0.001),
+  "centered with momentum": dict(centered=True, momentum=0.8),
+  "weight decay with momentum": dict(weight_decay=0.1, momentum=0.9),
+  "everything": dict(
+    alpha=0.95, eps=1e-6, weight_decay=0.01, momentum=0.5, centered=True, maximize=True, lr=0.003
+  ),
 }
 
 
@@ -109,18 +104,19 @@ def test_pytorch_preset_with_step_lr_schedule_and_momentum():
 # ------------------------------------------------------------------- Keras
 
 KERAS_GRID = {
-    "defaults": dict(learning_rate=0.01),
-    "rho 0.5": dict(learning_rate=0.01, rho=0.5),
-    "epsilon 1e-3": dict(learning_rate=0.01, epsilon=1e-3),
-    "momentum": dict(learning_rate=0.01, momentum=0.9),
-    "centered": dict(learning_rate=0.01, centered=True),
-    "weight decay": dict(learning_rate=0.01, weight_decay=0.1),
-    "centered with momentum": dict(learning_rate=0.01, centered=True, momentum=0.8),
-    "everything": dict(learning_rate=0.005, rho=0.8, momentum=0.5, epsilon=1e-6,
-                       centered=True, weight_decay=0.05),
-    "clipnorm": dict(learning_rate=0.01, clipnorm=0.5, weight_decay=0.05),
-    "clipvalue": dict(learning_rate=0.01, clipvalue=0.3, momentum=0.9),
-    "global clipnorm": dict(learning_rate=0.01, global_clipnorm=1.0, centered=True),
+  "defaults": dict(learning_rate=0.01),
+  "rho 0.5": dict(learning_rate=0.01, rho=0.5),
+  "epsilon 1e-3": dict(learning_rate=0.01, epsilon=1e-3),
+  "momentum": dict(learning_rate=0.01, momentum=0.9),
+  "centered": dict(learning_rate=0.01, centered=True),
+  "weight decay": dict(learning_rate=0.01, weight_decay=0.1),
+  "centered with momentum": dict(learning_rate=0.01, centered=True, momentum=0.8),
+  "everything": dict(
+    learning_rate=0.005, rho=0.8, momentum=0.5, epsilon=1e-6, centered=True, weight_decay=0.05
+  ),
+  "clipnorm": dict(learning_rate=0.01, clipnorm=0.5, weight_decay=0.05),
+  "clipvalue": dict(learning_rate=0.01, clipvalue=0.3, momentum=0.9),
+  "global clipnorm": dict(learning_rate=0.01, global_clipnorm=1.0, centered=True),
 }
 
 
@@ -147,9 +143,7 @@ def test_keras_preset_matches_keras_rmsprop(kwargs):
 
 def test_keras_preset_with_step_decayed_learning_rate_and_momentum():
   keras = pytest.importorskip("keras")
-  sched = keras.optimizers.schedules.ExponentialDecay(
-      0.02, decay_steps=10, decay_rate=0.3, staircase=True
-  )
+  sched = keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=10, decay_rate=0.3, staircase=True)
   keras_traj = run_keras(dict(learning_rate=sched, momentum=0.9, weight_decay=0.05))
   ours_sched = optax.exponential_decay(0.02, transition_steps=10, decay_rate=0.3, staircase=True)
   ours = run_ours(presets.keras(learning_rate=ours_sched, momentum=0.9, weight_decay=0.05))
@@ -159,10 +153,10 @@ def test_keras_preset_with_step_decayed_learning_rate_and_momentum():
 # --------------------------------------------------------------------- TF1
 
 TF1_GRID = {
-    "defaults": dict(learning_rate=0.01),
-    "momentum": dict(learning_rate=0.01, momentum=0.9),
-    "centered": dict(learning_rate=0.01, centered=True, epsilon=1e-6),
-    "centered with momentum": dict(learning_rate=0.01, centered=True, momentum=0.5, decay=0.8),
+  "defaults": dict(learning_rate=0.01),
+  "momentum": dict(learning_rate=0.01, momentum=0.9),
+  "centered": dict(learning_rate=0.01, centered=True, epsilon=1e-6),
+  "centered with momentum": dict(learning_rate=0.01, centered=True, momentum=0.5, decay=0.8),
 }
 
 
@@ -233,7 +227,14 @@ def test_reference_model_agrees_with_the_torch_preset_in_float64():
       return g
 
   _, params = reference_updates(
-      P0, Grads(), lr=0.01, decay=0.9, eps=1e-8, eps_in_sqrt=False, momentum=0.9,
-      weight_decay=0.05, lr_inside_momentum=False,
+    P0,
+    Grads(),
+    lr=0.01,
+    decay=0.9,
+    eps=1e-8,
+    eps_in_sqrt=False,
+    momentum=0.9,
+    weight_decay=0.05,
+    lr_inside_momentum=False,
   )
   assert_trajectories_close(params, torch_traj)
