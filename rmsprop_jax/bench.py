@@ -441,12 +441,19 @@ def _run_scale_out(impl: str, quick: bool, iters: int) -> dict[str, Any]:
   return out
 
 
-def _summarize_scale_out(case: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _medians(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, float], dict[str, float]]:
+  """Per implementation: the median over processes of their times, and the spread."""
   med, spread = {}, {}
   for impl, rs in runs.items():
-    ts = [r["time_s"] for r in rs]
-    med[impl] = statistics.median(ts)
-    spread[impl] = (max(ts) - min(ts)) / med[impl] if med[impl] else 0.0
+    ts = [r["time_s"] for r in rs if "time_s" in r]
+    if ts:
+      med[impl] = statistics.median(ts)
+      spread[impl] = (max(ts) - min(ts)) / med[impl] if med[impl] else 0.0
+  return med, spread
+
+
+def _summarize_scale_out(case: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+  med, spread = _medians(runs)
   row: dict[str, Any] = {
     "case": case,
     "what": CASES[case][0],
@@ -555,13 +562,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     if case in HOST_DEVICES:
       rows.append(_summarize_scale_out(case, runs))
       continue
-    med = {}
-    spread = {}
-    for impl, rs in runs.items():
-      ts = [r["time_s"] for r in rs if "time_s" in r]
-      if ts:
-        med[impl] = statistics.median(ts)
-        spread[impl] = (max(ts) - min(ts)) / med[impl] if med[impl] else 0.0
+    med, spread = _medians(runs)
     ours_key = _ours_key(med)
     row: dict[str, Any] = {
       "case": case,

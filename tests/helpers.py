@@ -86,3 +86,38 @@ def count_compilations():
   finally:
     logger.removeHandler(handler)
     compiled.extend(m for m in handler.messages if m.startswith("Finished XLA compilation"))
+
+
+def run_two_processes(worker, tmp_path, *args: str) -> list[dict]:
+  """Runs ``worker PORT I tmp_path/pI.npz *args`` as processes 0 and 1 of a
+  2-process JAX cluster on 127.0.0.1 and returns what each saved."""
+  import os
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = str(sock.getsockname()[1])
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
+  env["JAX_PLATFORMS"] = "cpu"
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(worker), port, str(i), str(tmp_path / f"p{i}.npz"), *args],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]

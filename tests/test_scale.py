@@ -1,8 +1,5 @@
 """Sharded state, data-parallel steps on 8 host devices, and two processes."""
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_two_processes
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -100,38 +98,10 @@ def test_data_parallel_step_on_8_devices_equals_single_device():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_data_parallel_and_agree_with_one(tmp_path):
   worker = Path(__file__).with_name("multiprocess_worker.py")
-  port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  procs = [
-    subprocess.Popen(
-      [sys.executable, str(worker), port, str(i), str(tmp_path / f"p{i}.npz")],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  try:
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  r0, r1 = (dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2))
+  r0, r1 = run_two_processes(worker, tmp_path)
   for k in r0:
     np.testing.assert_array_equal(r0[k], r1[k])
 

@@ -1,9 +1,6 @@
 """ZeRO-1: optimizer state sharded over the data axis, on 8 host devices and 2 processes."""
 
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_two_processes
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -359,38 +357,10 @@ def test_params_on_another_mesh_or_unfit_for_the_optimizer_are_refused():
     rmsprop_jax.state_shardings(rmsprop_jax.rmsprop(0.01), {"step": jnp.zeros(8, jnp.int32)}, _mesh())
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_with_zero1_state_hold_half_each_and_agree_with_one(tmp_path):
   worker = Path(__file__).with_name("multiprocess_worker.py")
-  port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
-  env["JAX_PLATFORMS"] = "cpu"
-  procs = [
-    subprocess.Popen(
-      [sys.executable, str(worker), port, str(i), str(tmp_path / f"p{i}.npz"), "zero1"],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  try:
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  r0, r1 = (dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2))
+  r0, r1 = run_two_processes(worker, tmp_path, "zero1")
 
   sys.path.insert(0, str(worker.parent))
   from multiprocess_worker import FEATURES, STEPS, problem
