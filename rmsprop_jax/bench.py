@@ -452,14 +452,16 @@ def _medians(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, float], d
   return med, spread
 
 
-def _summarize_scale_out(case: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _row(case: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+  """A summary row: the case, its target, and each implementation's median and spread."""
   med, spread = _medians(runs)
-  row: dict[str, Any] = {
-    "case": case,
-    "what": CASES[case][0],
-    "target": CASES[case][2],
-    "median_s": med,
-    "spread": spread,
+  return {"case": case, "what": CASES[case][0], "target": CASES[case][2], "median_s": med, "spread": spread}
+
+
+def _summarize_scale_out(case: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+  row = _row(case, runs)
+  med = row["median_s"]
+  row |= {
     "state_bytes_per_device": {i: rs[0]["state_bytes_per_device"] for i, rs in runs.items()},
     "params_bytes_per_device": runs["replicated"][0]["params_bytes_per_device"],
     "compile_s": {i: statistics.median([r["compile_s"] for r in rs]) for i, rs in runs.items()},
@@ -562,15 +564,9 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     if case in HOST_DEVICES:
       rows.append(_summarize_scale_out(case, runs))
       continue
-    med, spread = _medians(runs)
+    row = _row(case, runs)
+    med = row["median_s"]
     ours_key = _ours_key(med)
-    row: dict[str, Any] = {
-      "case": case,
-      "what": CASES[case][0],
-      "target": CASES[case][2],
-      "median_s": med,
-      "spread": spread,
-    }
     if "optax" in med and ours_key in med:
       row["ratio_vs_optax"] = med[ours_key] / med["optax"]
     if "torch" in med and ours_key in med:
