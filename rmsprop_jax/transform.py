@@ -350,22 +350,19 @@ def _leaf_update(
     nu_used = lax.max(nu_used, lax.mul(r.s.one_minus_decay, g2))
   mu_hat = None
   if cfg.centered:
-    mu_new = _ema(load(mu, cdt), g, c)
-    mu = _store(mu_new, store("mu"), r, cfg)
+    mu = _store(_ema(load(mu, cdt), g, c), store("mu"), r, cfg)
     mu_hat = _debias(load(mu, cdt), c)
   u = lax.mul(_cast(_rms_scale(_debias(nu_used, r), mu_hat, r, cfg), cdt), g)
   if cfg.scale_by_learning_rate:
-    if cfg.momentum:
-      trace_in = load(trace, cdt)
     if not cfg.momentum:
       u = lax.mul(c.s.neg_lr, u)
     elif cfg.lr_inside_momentum:  # optax, Keras, TF1
-      u, trace_new = _momentum(lax.mul(c.s.neg_lr, u), trace_in, c, cfg)
-    else:  # PyTorch: the buffer holds unscaled steps
-      u, trace_new = _momentum(u, trace_in, c, cfg)
-      u = lax.mul(c.s.neg_lr, u)
-    if cfg.momentum:
+      u, trace_new = _momentum(lax.mul(c.s.neg_lr, u), load(trace, cdt), c, cfg)
       trace = _store(trace_new, store("trace"), r, cfg)
+    else:  # PyTorch: the buffer holds unscaled steps
+      u, trace_new = _momentum(u, load(trace, cdt), c, cfg)
+      trace = _store(trace_new, store("trace"), r, cfg)
+      u = lax.mul(c.s.neg_lr, u)
     if cfg.weight_decay == "decoupled":
       u = lax.sub(u, lax.mul(c.s.decoupled_wd, _cast(p, cdt)))
   return _Leaf(_cast(u, out_dtype), nu, mu, trace)
