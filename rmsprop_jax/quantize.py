@@ -24,7 +24,11 @@ its first dimension quantizes without communication, and its scale shards the
 same way. 1-D arrays, and arrays with fewer than 256 elements per row, are
 cut into blocks of 256 consecutive elements of the flattened array (the last
 one shorter); the scale has shape ``(ceil(size / 256),)``. Codes always keep
-the array's shape. Scalars are not quantized.
+the array's shape (and sharding). Scalars are not quantized. Under a mesh with
+explicit axes, an array whose blocks cross its shards (sharded over a
+dimension other than the first, or a flat layout over several shards) is
+gathered over those dimensions to compute its blocks: the same numbers as
+unsharded, at the cost of the gather.
 
 In an RMSProp update (per leaf, ``g`` the float32 gradient, ``q`` the stored
 second moment, ``i`` a static index per state leaf)::
@@ -344,9 +348,52 @@ def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
   return (lay.blocks,) if lay.flat else (lay.rows, lay.blocks)
 
 
+def _explicit_sharding(x: jax.Array) -> Any:
+  """``x``'s sharding where a mesh with explicit axes types it, else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  return sharding if getattr(mesh, "explicit_axes", ()) else None
+
+
+def _explicit_spec(x: jax.Array) -> Any:
+  sharding = _explicit_sharding(x)
+  return None if sharding is None else sharding.spec
+
+
+def _gathered_for_blocks(x: jax.Array, lay: _Layout) -> jax.Array:
+  """``x``, gathered where (under an explicit mesh) its blocks cross its shards.
+
+  Blocks lie inside the shards of an array sharded over dimension 0 only (as
+  :func:`rmsprop_jax.state_shardings` shards): in the row layout always; in
+  the flat layout for a 1-D array whose size is a multiple of the block
+  size and whose block count is a multiple of its shards. Otherwise the
+  blocks are computed on the array gathered over the dimensions that cut
+  them (the result is the same; the gather is the price of the layout).
+  """
+  spec = _explicit_spec(x)
+  if spec is None or all(s is None for s in spec):
+    return x
+  spec = tuple(spec) + (None,) * (x.ndim - len(spec))
+  if not lay.flat:
+    keep = spec[:1]
+  elif x.ndim == 1 and lay.padded == lay.length:
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    shards = math.prod(jax.typeof(x).sharding.mesh.shape[a] for a in axes)
+    keep = spec[:1] if lay.blocks % shards == 0 else ()
+  else:
+    keep = ()
+  if all(s is None for s in spec[len(keep) :]):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*keep))
+
+
 def _block_view(x: jax.Array, lay: _Layout, fill: Any) -> jax.Array:
-  """``x`` as ``(rows, blocks, BLOCK_SIZE)``, short blocks padded with ``fill``."""
-  v = x.reshape(lay.rows, lay.length)
+  """``x`` as ``(rows, blocks, BLOCK_SIZE)``, short blocks padded with ``fill``.
+
+  Under an explicit mesh, gathered first where blocks cross shards
+  (:func:`_gathered_for_blocks`).
+  """
+  v = _gathered_for_blocks(x, lay).reshape(lay.rows, lay.length)
   if lay.padded != lay.length:
     v = lax.pad(v, np.asarray(fill, x.dtype), ((0, 0, 0), (0, lay.padded - lay.length, 0)))
   return v.reshape(lay.rows, lay.blocks, BLOCK_SIZE)
@@ -373,6 +420,15 @@ def expand_blocks(per_block: jax.Array, shape: Sequence[int]) -> jax.Array:
   if lay.padded != lay.length:
     e = lax.slice(e, (0, 0), (lay.rows, lay.length))
   return e.reshape(shape)
+
+
+def _expand_like(per_block: jax.Array, like: jax.Array) -> jax.Array:
+  """:func:`expand_blocks` to ``like``'s shape, and sharding under an explicit mesh."""
+  e = expand_blocks(per_block, like.shape)
+  spec = _explicit_spec(like)
+  if spec is not None and _explicit_spec(e) != spec:
+    e = jax.sharding.reshard(e, spec)
+  return e
 
 
 def _select_max(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -685,7 +741,7 @@ def quantize(
     raise ValueError(f"scale must have shape {scale_shape(shape)}, got {scale.shape}")
   scale = scale.astype(jnp.float32)
   inv = lax.select(lax.gt(scale, _full(0, scale)), lax.div(_full(cm.top, scale), scale), _full(0, scale))
-  y = lax.mul(x, expand_blocks(inv, shape))
+  y = lax.mul(x, _expand_like(inv, x))
   return QuantizedArray(_encode(y, cm, code, bits), scale)
 
 
@@ -714,4 +770,4 @@ def dequantize(q: QuantizedArray, *, code: str | None = None) -> jax.Array:
   code = _default_code(code, signed)
   cm = _code_map(code, signed)
   unit = lax.div(q.scale.astype(jnp.float32), _full(np.float32(cm.top), q.scale))
-  return lax.mul(_decode(codes, cm, code), expand_blocks(unit, codes.shape))
+  return lax.mul(_decode(codes, cm, code), _expand_like(unit, codes))

@@ -286,16 +286,8 @@ def load(x: Any, dtype: Any) -> jax.Array:
 def _bits(st: _Store, x: jax.Array, c: _Consts, cfg: Config) -> jax.Array | None:
   if cfg.rounding == "nearest":
     return None
-  shape, sharding = tuple(x.shape), _explicit_sharding(x)
+  shape, sharding = tuple(x.shape), quantize._explicit_sharding(x)
   return quantize.random_bits(c.s.seed, c.s.count, st.stream, shape, out_sharding=sharding)
-
-
-def _explicit_sharding(x: jax.Array) -> Any:
-  """``x``'s sharding where a mesh with explicit axes types it, else None."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  explicit = getattr(mesh, "explicit_axes", ())
-  return sharding if explicit else None
 
 
 def _store(x: jax.Array, st: _Store, c: _Consts, cfg: Config) -> Any:

@@ -262,6 +262,49 @@ def test_sharded_state_rounds_exactly_as_unsharded(storage):
   chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(plain))
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest forces 8 host CPUs)")
+@pytest.mark.parametrize(
+  "shape, spec",
+  [
+    ((64, 512), ("data",)),  # row layout
+    ((2000, 10), ("data",)),  # rows under 256: flat blocks across shards, padded
+    ((4096, 4, 2), ("data",)),
+    ((1024, 16), (None, "data")),
+    ((64, 512), (None, "data")),  # a row's blocks cut by its shards
+    ((3, 3, 64, 64), (None, None, None, "data")),
+    ((8192,), ("data",)),  # 1-D, blocks inside the shards
+    ((5120,), ("data",)),  # 1-D, 20 blocks over 8 shards
+  ],
+)
+def test_8bit_state_under_an_explicit_mesh_matches_unsharded(shape, spec):
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  opt = rmsprop_jax.rmsprop(0.01, centered=True, momentum=0.9, state_bits=8)
+  rng = np.random.default_rng(11)
+  p0 = rng.normal(size=shape).astype(np.float32)
+  grads = [rng.normal(size=shape).astype(np.float32) for _ in range(3)]
+  step = jax.jit(opt.update)
+
+  def run(put):
+    p = put(p0)
+    s = opt.init(p)
+    for g in grads:
+      u, s = step(put(g), s, p)
+      p = optax.apply_updates(p, u)
+    return p, s
+
+  plain = run(jnp.asarray)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    sharded = run(lambda x: jax.device_put(x, NamedSharding(mesh, P(*spec))))
+  want = jax.typeof(sharded[0]).sharding.spec  # the codes keep the parameter's sharding
+  assert tuple(want)[: len(spec)] == spec
+  for q in (sharded[1].nu, sharded[1].mu, sharded[1].trace):
+    assert isinstance(q, QuantizedArray) and jax.typeof(q.codes).sharding.spec == want
+  chex.assert_trees_all_equal(jax.device_get(sharded), jax.device_get(plain))
+
+
 def test_8bit_state_checkpoint_round_trip_is_bit_identical():
   grads = _grads(5, seed=5)
   opt = rmsprop_jax.rmsprop(0.01, momentum=0.9, state_bits=8)
