@@ -34,16 +34,17 @@ In an RMSProp update (per leaf, ``g`` the float32 gradient, ``q`` the stored
 second moment, ``i`` a static index per state leaf)::
 
   g2 = g * g
-  nu = decay * dequantize(q) + (1 - decay) * g2  # float32
-  # An upper bound on every new nu of a block, from the gradient alone:
-  scale = decay * q.scale + (1 - decay) * block_absmax(g2)
-  q = quantize(nu, signed=False, bits=random_bits(seed, count, i, g.shape), scale=scale)
+  # nu = decay * dequantize(q) + (1 - decay) * g2, stored with the block scale
+  # decay * q.scale + (1 - decay) * block_absmax(g2), an upper bound on the
+  # new nu of a block from the gradient alone: one pass over the codes.
+  q = ema_update(q, g2, decay, bits=random_bits(seed, count, i, g.shape))
   # Divide by the stored value (XLA then reads the new codes once), floored
   # by (1 - decay) g**2 <= nu, which caps the step at 1 / sqrt(1 - decay):
   u = g * lax.rsqrt(jnp.maximum(dequantize(q), (1 - decay) * g2) + eps)
 
-``block_absmax(nu)`` in place of the bound gives the exact block maximum, with
-the same accuracy and speed (``benchmarks/quant_codes.md``).
+``quantize(nu, signed=False, bits=..., scale=None)`` of the float32 ``nu``
+quantizes with the exact block maximum instead: the same accuracy, one more
+byte per parameter read (``benchmarks/quant_codes.md``).
 """
 
 from __future__ import annotations
@@ -586,8 +587,9 @@ def _encode(y: jax.Array, cm: _Map, code: str, bits: jax.Array | None) -> jax.Ar
   """
   if cm.kind == "table":
     return _encode_table(y, cm, code, bits)
-  a = lax.abs(y) if cm.signed else lax.max(y, np.float32(0))
-  a = lax.min(a, np.float32(cm.top))
+  # Clamps written as selects: XLA's max/min also test for NaN (slower on CPU).
+  a = lax.abs(y) if cm.signed else _select_max(y, _full(0, y))
+  a = lax.select(lax.lt(a, _full(cm.top, a)), a, _full(cm.top, a))
   if cm.kind == "float":
     shift = 23 - cm.man_bits
     emin = -(2**cm.exp_bits - 1)
@@ -742,6 +744,81 @@ def quantize(
   scale = scale.astype(jnp.float32)
   inv = lax.select(lax.gt(scale, _full(0, scale)), lax.div(_full(cm.top, scale), scale), _full(0, scale))
   y = lax.mul(x, _expand_like(inv, x))
+  return QuantizedArray(_encode(y, cm, code, bits), scale)
+
+
+def ema_update(
+  q: QuantizedArray,
+  x: jax.Array,
+  decay: jax.typing.ArrayLike,
+  one_minus_decay: jax.typing.ArrayLike | None = None,
+  *,
+  bits: jax.Array | None = None,
+  code: str | None = None,
+) -> QuantizedArray:
+  r"""An exponential moving average kept in 8-bit codes: one pass over them.
+
+  Returns the quantization of :math:`\beta\,\hat m + (1 - \beta)\,x`
+  (:math:`\hat m` the values of ``q``), with each block's new scale the
+  upper bound
+
+  .. math::
+
+    s'_b = \beta\, s_b + (1 - \beta) \max_{i \in b} |x_i|
+      \;\ge\; \max_{i \in b} |\beta\,\hat m_i + (1 - \beta)\, x_i|,
+
+  computed from the old scale and ``x`` alone (never from the codes), so the
+  codes are read once and written in place. Per element it is one
+  multiply-add of per-block coefficients, :math:`y_i = a_b x_i + c_b g_i`
+  (:math:`g_i` the code's grid value), then the encoding of :func:`quantize`
+  with the same rounding (stochastic, unbiased, when ``bits`` are given).
+  The bound is loose when a block's values change sign (its maximum decays
+  slower than the average); it suits second moments (non-negative ``x``),
+  for which RMSProp uses it.
+
+  Args:
+    q: the stored average (from :func:`quantize` or a previous call).
+    x: the new values, of ``q.codes``' shape (e.g. ``g**2``).
+    decay: :math:`\beta`, a scalar in [0, 1].
+    one_minus_decay: :math:`1 - \beta` as the caller rounds it (default
+      ``1 - decay``).
+    bits: None to round to nearest, else uint32 random bits of ``x``'s shape.
+    code: the code map of ``q`` (None: the default for its signedness).
+
+  Returns:
+    The new :class:`QuantizedArray`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax.quantize import dequantize, ema_update, quantize
+    >>> q = quantize(jnp.full((512,), 4.0), signed=False)
+    >>> q = ema_update(q, jnp.full((512,), 2.0), 0.5)
+    >>> dequantize(q)[:2], q.scale
+    (Array([3., 3.], dtype=float32), Array([3., 3.], dtype=float32))
+  """
+  codes = q.codes
+  if codes.dtype not in (jnp.uint8, jnp.int8):
+    raise TypeError(f"codes must be uint8 or int8, got {codes.dtype}")
+  if x.shape != codes.shape:
+    raise ValueError(f"x must have the codes' shape {codes.shape}, got {x.shape}")
+  signed = codes.dtype == jnp.int8
+  code = _default_code(code, signed)
+  cm = _code_map(code, signed)
+  x = x.astype(jnp.float32)
+  if bits is not None:
+    _check_bits(bits, x.shape)
+  old = q.scale.astype(jnp.float32)
+  decay = lax.convert_element_type(decay, jnp.float32)
+  omd = (
+    lax.sub(np.float32(1), decay)
+    if one_minus_decay is None
+    else lax.convert_element_type(one_minus_decay, jnp.float32)
+  )
+  scale = lax.add(lax.mul(decay, old), lax.mul(omd, block_absmax(x)))
+  inv = lax.select(lax.gt(scale, _full(0, scale)), lax.div(_full(cm.top, scale), scale), _full(0, scale))
+  a = lax.mul(omd, inv)  # x -> grid units of the new scale
+  c = lax.mul(lax.mul(decay, lax.div(old, _full(np.float32(cm.top), old))), inv)  # old grid -> new grid
+  y = lax.add(lax.mul(x, _expand_like(a, x)), lax.mul(_decode(codes, cm, code), _expand_like(c, x)))
   return QuantizedArray(_encode(y, cm, code, bits), scale)
 
 

@@ -334,12 +334,17 @@ def _leaf_update(
   g = _direction(_cast(g, cdt), p, c, cfg)
   nu_st = store("nu")
   g2 = _abs_sq(g)
-  nu = _store(_ema(load(nu, rdt), g2, r), nu_st, r, cfg)
-  nu_used = load(nu, rdt)  # the stored value, as the next step will see it
   if nu_st.quantized:
+    # One pass over the codes; the block scale is an upper bound from g alone.
+    nu = quantize.ema_update(nu, g2, r.s.decay, r.s.one_minus_decay, bits=_bits(nu_st, g2, r, cfg))
     # nu >= (1 - decay) g**2 holds exactly; flooring the decoded value by it caps a step
-    # whose nu was rounded far down at lr / sqrt(1 - decay), at no cost in bytes.
-    nu_used = lax.max(nu_used, lax.mul(r.s.one_minus_decay, g2))
+    # whose nu was rounded far down at lr / sqrt(1 - decay), at no cost in bytes. (A
+    # select, not max: cheaper on CPU, and a NaN in the stored nu stays NaN.)
+    nu_used, floor = load(nu, rdt), lax.mul(r.s.one_minus_decay, g2)
+    nu_used = lax.select(lax.gt(floor, nu_used), floor, nu_used)
+  else:
+    nu = _store(_ema(load(nu, rdt), g2, r), nu_st, r, cfg)
+    nu_used = load(nu, rdt)  # the stored value, as the next step will see it
   mu_hat = None
   if cfg.centered:
     mu = _store(_ema(load(mu, cdt), g, c), store("mu"), r, cfg)
