@@ -1,11 +1,11 @@
 """Step time of each state storage against optax.rmsprop, alternating in one process.
 
-`python -m rmsprop_jax bench` runs each implementation in its own processes,
-which on a small shared VM differ by 20-40% among themselves. This script
-complements it: one process, the same big tree (16.2M parameters), every
-implementation compiled once, then several rounds that time each in turn
-(median of 15 donated, jitted steps per round), so that all see the same
-machine state. Reports each storage's median time over optax's, per round.
+`python -m rmsprop_jax bench` pairs one of our storages with optax per case.
+This script puts all of them side by side: one process, the same big tree
+(16.2M parameters), every implementation compiled once, then several rounds
+that time each in turn (median of 15 donated, jitted steps per round), so that
+all see the same machine state. Reports each storage's median time over
+optax's, per round.
 
 Run: ``python benchmarks/low_precision_speed.py`` (about a minute on 2 cores).
 """

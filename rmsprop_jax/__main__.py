@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     "bench",
     help="time rmsprop_jax against optax.rmsprop (and torch) on this machine",
     description=(
-      "Benchmark cases in separate, alternating processes; prints medians of"
-      " ours/optax (and ours/torch) time ratios, compile times, state bytes and"
-      " the share of measured memory bandwidth."
+      "Benchmark cases in fresh, alternating processes, optax and ours timed in"
+      " turn inside each; prints the median of the paired ours/optax ratios (and"
+      " ours/torch), compile times, state bytes and the share of measured memory"
+      " bandwidth."
     ),
   )
   bench.add_argument(
-    "--repeats", type=int, default=5, help="processes per case and implementation (default: %(default)s)"
+    "--repeats", type=int, default=5, help="processes per case (torch: its own) (default: %(default)s)"
   )
   bench.add_argument(
     "--quick", action="store_true", help="tiny sizes and 1 repeat (a smoke run, numbers meaningless)"

@@ -1,13 +1,21 @@
 """Benchmarks: ours against optax.rmsprop (and torch RMSprop) on this machine.
 
-``python -m rmsprop_jax bench`` runs every case in fresh processes, alternating
-the implementations (identical code differs by up to 10% between runs in one
-process depending on what was built first), and reports medians of the
-per-process medians, their spread, compile times, state bytes and the share
-of the streaming memory bandwidth measured in the same run.
+``python -m rmsprop_jax bench`` runs every case in several fresh processes. On
+a small shared VM whole processes of the same program differ by 20-40% (the
+load changes between them), so the ratio against optax is paired: each process
+builds optax and ours, then times them in turn, round after round, reversing
+the order every other round and from one process to the next (identical code
+differs by up to 10% in one process depending on what was built first); a
+process's ratio is the median of its rounds' ratios, and the reported ratio
+the median of the processes' ratios, with their spread. ``compile_600`` (a
+first compile) and ``scale_out`` (8 host devices) run one implementation per
+process, torch always runs in processes of its own. Also reported: each
+implementation's median time over processes and its spread, compile times,
+state bytes and the share of the streaming memory bandwidth measured in the
+same run.
 
-A worker process is ``python -m rmsprop_jax.bench CASE IMPL [--quick]``; it
-prints one JSON line.
+A worker process is ``python -m rmsprop_jax.bench CASE IMPL [IMPL ...] [--quick]``;
+it prints one JSON line, the numbers of each implementation.
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
 # Cases that need several devices, and how many: their workers (and only
 # theirs) run on that many host CPU devices (--xla_force_host_platform_device_count).
 HOST_DEVICES: dict[str, int] = {"scale_out": 8}
+
+# Cases run one implementation per fresh process: a first compile, and the
+# multi-device case. Every other case times its JAX implementations paired, in
+# one process (``run_paired``); torch always runs in processes of its own.
+UNPAIRED: frozenset[str] = frozenset({"compile_600", *HOST_DEVICES})
 
 
 # ----------------------------------------------------------------- trees
@@ -195,24 +208,32 @@ def _bytes_per_step(params, nu_bytes_per_elem: float) -> int:
   return int(n * (3 * 4 + 2 * nu_bytes_per_elem))
 
 
-def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
-  """Runs one (case, implementation) in this process; returns its numbers."""
+def _header(case: str, impl: str, shapes: list[tuple[int, ...]]) -> dict[str, Any]:
   import jax
-  import optax
 
-  shapes = _case_shapes(case, quick)
-  iters = 3 if quick else 20
-  out: dict[str, Any] = {
+  return {
     "case": case,
     "impl": impl,
     "device": jax.devices()[0].device_kind,
     "n_params": sum(math.prod(s) for s in shapes),
     "n_leaves": len(shapes),
   }
-  if impl == "torch":
-    return {**out, **_run_torch(shapes, iters)}
-  if case == "scale_out":
-    return {**out, **_run_scale_out(impl, quick, iters)}
+
+
+def _setup(case: str, impl: str, quick: bool) -> tuple[dict[str, Any], Callable[[], Any] | None, int]:
+  """Builds one JAX (case, implementation) in this process and compiles it.
+
+  Returns the numbers known without timing (sizes, state bytes, compile time or,
+  eager, the first call's time, XLA's bytes, the minimal bytes of a step), a
+  ``call`` that runs the timed unit on its own donated params and state, and
+  the steps one call makes (a call's time is divided by it). ``call`` is None
+  for ``compile_600``, whose time is its compile.
+  """
+  import jax
+  import optax
+
+  shapes = _case_shapes(case, quick)
+  out = _header(case, impl, shapes)
   params = _tree(shapes)
   grads = _tree(shapes, seed=1)
   opt = _make_opt(impl)
@@ -225,16 +246,16 @@ def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
 
   if case == "eager_update":
 
-    def call():
+    def eager():
       u, _ = opt.update(grads, state, params)
       return u
 
     t0 = time.perf_counter()
-    jax.block_until_ready(call())
+    jax.block_until_ready(eager())
     out["first_call_s"] = time.perf_counter() - t0
-    out["time_s"] = _median_time(call, iters)
-    return out
+    return out, eager, 1
 
+  length = 1
   if case == "many_leaves_scan":
     length = 20 if quick else 200
 
@@ -256,20 +277,60 @@ def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
       out["xla_bytes_per_param"] = nbytes / out["n_params"]
   if case == "compile_600":
     out["time_s"] = out["compile_s"]
-    return out
-
+    return out, None, 1
+  if case in ("big_tree", "big_tree_bf16", "big_tree_8bit", "one_big_leaf"):
+    nu_b = {"ours_bf16": 2, "ours_8bit": 1 + 4 / 256}.get(impl, 4)
+    out["bytes_per_step"] = _bytes_per_step(params, nu_b)
   carry = [params, state]
 
   def call():
     carry[0], carry[1] = compiled(carry[0], carry[1], grads)
     return carry
 
-  t = _median_time(call, iters)
-  out["time_s"] = t / (length if case == "many_leaves_scan" else 1)
-  if case in ("big_tree", "big_tree_bf16", "big_tree_8bit", "one_big_leaf"):
-    nu_b = {"ours_bf16": 2, "ours_8bit": 1 + 4 / 256}.get(impl, 4)
-    out["bytes_per_step"] = _bytes_per_step(params, nu_b)
+  return out, call, length
+
+
+def run_case(case: str, impl: str, quick: bool = False) -> dict[str, Any]:
+  """Runs one (case, implementation) in this process; returns its numbers."""
+  iters = 3 if quick else 20
+  shapes = _case_shapes(case, quick)
+  if impl == "torch":
+    return {**_header(case, impl, shapes), **_run_torch(shapes, iters)}
+  if case == "scale_out":
+    return {**_header(case, impl, shapes), **_run_scale_out(impl, quick, iters)}
+  out, call, steps = _setup(case, impl, quick)
+  if call is not None:
+    out["time_s"] = _median_time(call, iters) / steps
   return out
+
+
+def run_paired(
+  case: str, impls: tuple[str, ...], quick: bool = False, rounds: int | None = None, iters: int | None = None
+) -> dict[str, dict[str, Any]]:
+  """Times several JAX implementations of a step-time case in this process, paired.
+
+  All are built and compiled first, in the order given (so a later compile may
+  find warm caches), then timed in turn, round after round, the order reversed
+  on odd rounds (AB BA AB ...); each round is a ``_median_time`` of ``iters``
+  samples per implementation. Within a round all see the same machine load, so
+  their ratio holds steady where the times of whole processes drift. Returns,
+  per implementation, ``run_case``'s numbers with ``time_s`` the median over
+  rounds and ``round_s`` the time of each round.
+  """
+  if case in UNPAIRED:
+    raise ValueError(f"{case!r} runs one implementation per process (run_case)")
+  rounds = rounds or (2 if quick else 8)
+  iters = iters or (3 if quick else 5)
+  built = {impl: _setup(case, impl, quick) for impl in impls}
+  round_s: dict[str, list[float]] = {impl: [] for impl in impls}
+  for r in range(rounds):
+    for impl in impls if r % 2 == 0 else impls[::-1]:
+      _, call, steps = built[impl]
+      round_s[impl].append(_median_time(call, iters, warmup=1) / steps)
+  return {
+    impl: {**out, "time_s": statistics.median(round_s[impl]), "round_s": round_s[impl]}
+    for impl, (out, _, _) in built.items()
+  }
 
 
 def _run_torch(shapes, iters) -> dict[str, Any]:
@@ -452,6 +513,13 @@ def _medians(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, float], d
   return med, spread
 
 
+def paired_ratio(ours: dict[str, Any], optax: dict[str, Any]) -> float | None:
+  """One process's ratio ours / optax: the median of the ratios of its rounds."""
+  if "round_s" not in ours or "round_s" not in optax:
+    return None
+  return statistics.median(a / b for a, b in zip(ours["round_s"], optax["round_s"]))
+
+
 def _row(case: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
   """A summary row: the case, its target, and each implementation's median and spread."""
   med, spread = _medians(runs)
@@ -513,14 +581,15 @@ def _format_scale_out(r: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------- driver
 
 
-def _worker(case: str, impl: str, quick: bool) -> dict[str, Any]:
-  cmd = [sys.executable, "-m", "rmsprop_jax.bench", case, impl] + (["--quick"] if quick else [])
+def _worker(case: str, impls: tuple[str, ...], quick: bool) -> dict[str, dict[str, Any]]:
+  """One fresh process: ``run_case`` for one implementation, ``run_paired`` for several."""
+  cmd = [sys.executable, "-m", "rmsprop_jax.bench", case, *impls] + (["--quick"] if quick else [])
   env = dict(os.environ)
   if case in HOST_DEVICES:
     env.update(_host_devices_env(HOST_DEVICES[case]))
   res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
   if res.returncode != 0:
-    raise RuntimeError(f"bench worker {case}/{impl} failed:\n{res.stderr[-3000:]}")
+    raise RuntimeError(f"bench worker {case}/{'+'.join(impls)} failed:\n{res.stderr[-3000:]}")
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -533,7 +602,13 @@ def _bandwidth_worker(quick: bool) -> float:
 def collect(
   repeats: int = 5, quick: bool = False, cases: list[str] | None = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-  """Runs the cases in separate processes, alternating implementations."""
+  """Runs each case in ``repeats`` rounds of fresh processes, alternating their order.
+
+  A step-time case runs its JAX implementations together in one process
+  (``run_paired``), torch in another; ``compile_600`` and ``scale_out`` run one
+  implementation per process. Returns the raw runs: per case and
+  implementation, one dict per process, in the order of the processes.
+  """
   cases = list(cases or CASES)
   for c in cases:
     if c not in CASES:
@@ -544,14 +619,17 @@ def collect(
   for case in cases:
     impls = CASES[case][1]
     runs: dict[str, list[dict[str, Any]]] = {i: [] for i in impls}
+    paired = () if case in UNPAIRED else tuple(i for i in impls if i != "torch")
+    groups = ([paired] if paired else []) + [(i,) for i in impls if i not in paired]
     for r in range(repeats):
-      order = impls if r % 2 == 0 else tuple(reversed(impls))
-      for impl in order:
-        runs[impl].append(_worker(case, impl, quick))
-        log(
-          f"  {case:<18} {impl:<10} run {r + 1}/{repeats}: "
-          f"{runs[impl][-1].get('time_s', float('nan')) * 1e3:9.3f} ms"
-        )
+      for group in groups if r % 2 == 0 else groups[::-1]:
+        for impl, out in _worker(case, group if r % 2 == 0 else group[::-1], quick).items():
+          runs[impl].append(out)
+          log(f"  {case:<18} {impl:<10} run {r + 1}/{repeats}: {out.get('time_s', math.nan) * 1e3:9.3f} ms")
+        if len(group) > 1:
+          ours = _ours_key(runs)
+          ratio = paired_ratio(runs[ours][-1], runs["optax"][-1])
+          log(f"  {case:<18} {'paired':<10} run {r + 1}/{repeats}: {ours}/optax {ratio:.3f}")
     results["cases"][case] = runs
   return results
 
@@ -567,7 +645,12 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     row = _row(case, runs)
     med = row["median_s"]
     ours_key = _ours_key(med)
-    if "optax" in med and ours_key in med:
+    pairs = [paired_ratio(a, b) for a, b in zip(runs.get(ours_key, []), runs.get("optax", []))]
+    if pairs and None not in pairs:  # each process's paired ratio; their median
+      row["ratio_vs_optax"] = statistics.median(pairs)
+      row["paired_ratios"] = pairs
+      row["ratio_spread"] = (max(pairs) - min(pairs)) / row["ratio_vs_optax"]
+    elif "optax" in med and ours_key in med:  # separate processes: the ratio of medians
       row["ratio_vs_optax"] = med[ours_key] / med["optax"]
     if "torch" in med and ours_key in med:
       row["speedup_vs_torch"] = med["torch"] / med[ours_key]
@@ -601,7 +684,7 @@ def format_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
   lines = [
     f"streaming bandwidth (XLA triad, this run): {results['bandwidth_Bps'] / 1e9:.1f} GB/s",
     "",
-    f"{'case':<18}{'ours (ms)':>11}{'optax (ms)':>12}{'ours/optax':>12}{'target':>9}"
+    f"{'case':<18}{'ours (ms)':>11}{'optax (ms)':>12}{'ours/optax':>12}{'ratio spread':>14}{'target':>9}"
     f"{'spread':>8}{'% bw':>7}{'vs torch':>10}{'compile ours/optax (s)':>24}{'state ours/optax':>18}"
     f"{'XLA bytes ours/optax':>22}",
   ]
@@ -613,10 +696,11 @@ def format_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
     sb = r.get("state_bytes_ratio")
     xb = r.get("xla_bytes_per_param", {})
     xb_s = f"{xb[ours_key]:.1f}/{xb['optax']:.1f} B" if ours_key in xb and "optax" in xb else "-"
+    rs_s = f"{r['ratio_spread'] * 100:.0f}%" if "ratio_spread" in r else "-"
     lines.append(
       f"{r['case']:<18}{med.get(ours_key, float('nan')) * 1e3:>11.3f}"
       f"{med.get('optax', float('nan')) * 1e3:>12.3f}{r.get('ratio_vs_optax', float('nan')):>12.3f}"
-      f"{r['target']:>9}{max(r['spread'].values()) * 100:>7.0f}%"
+      f"{rs_s:>14}{r['target']:>9}{max(r['spread'].values()) * 100:>7.0f}%"
       f"{r.get('pct_bandwidth', float('nan')):>7.0f}"
       f"{(str(round(r['speedup_vs_torch'], 1)) + 'x') if 'speedup_vs_torch' in r else '-':>10}"
       f"{comp_s:>24}{(f'{sb:.2f}' if sb else '-'):>18}{xb_s:>22}"
@@ -628,9 +712,13 @@ def format_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
   lines += [line for r in rows if r["case"] in HOST_DEVICES for line in _format_scale_out(r)]
   lines.append("")
   lines.append(
-    "ratios: medians over processes (alternating order); spread: (max-min)/median of"
-    " the per-process medians; % bw: minimal bytes of a step / time / triad bandwidth;"
-    " vs torch: torch.optim.RMSprop(foreach=True) time / ours; XLA bytes: bytes read and"
+    "ours/optax: paired, optax and ours built and timed in turn, round after round, in one"
+    " process; per process the median of the rounds' ratios, then the median over processes"
+    " (compile_600: ratio of medians over processes, one implementation per process);"
+    " ratio spread: (max-min)/median of the per-process ratios; spread: (max-min)/median of"
+    " the per-process times; % bw: minimal bytes of a step / time / triad bandwidth;"
+    " vs torch: torch.optim.RMSprop(foreach=True) time / ours (medians over processes of"
+    " their own); XLA bytes: bytes read and"
     " written per parameter per step by XLA's cost analysis of the compiled step"
     " (deterministic)."
   )
@@ -657,8 +745,11 @@ def _cli(argv: list[str]) -> None:
   if argv == ["--bandwidth"]:
     print(measure_bandwidth(quick))
     return
-  case, impl = argv
-  print(json.dumps(run_case(case, impl, quick)))
+  case, *impls = argv
+  if len(impls) == 1:
+    print(json.dumps({impls[0]: run_case(case, impls[0], quick)}))
+  else:
+    print(json.dumps(run_paired(case, tuple(impls), quick)))
 
 
 if __name__ == "__main__":
