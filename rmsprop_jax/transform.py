@@ -335,8 +335,13 @@ def _leaf_update(
   nu_st = store("nu")
   g2 = _abs_sq(g)
   if nu_st.quantized:
-    # One pass over the codes; the block scale is an upper bound from g alone.
-    nu = quantize.ema_update(nu, g2, r.s.decay, r.s.one_minus_decay, bits=_bits(nu_st, g2, r, cfg))
+    if cfg.rounding == "nearest":
+      # The exact block maximum: under a slowly moving scale (the bound below), rounding
+      # to nearest would drop every small change of nu for good (+30-60% at decay 0.99).
+      nu = _store(_ema(load(nu, rdt), g2, r), nu_st, r, cfg)
+    else:
+      # One pass over the codes; the block scale is an upper bound from g alone.
+      nu = quantize.ema_update(nu, g2, r.s.decay, r.s.one_minus_decay, bits=_bits(nu_st, g2, r, cfg))
     # nu >= (1 - decay) g**2 holds exactly; flooring the decoded value by it caps a step
     # whose nu was rounded far down at lr / sqrt(1 - decay), at no cost in bytes. (A
     # select, not max: cheaper on CPU, and a NaN in the stored nu stays NaN.)
