@@ -336,8 +336,9 @@ def _leaf_update(
   g2 = _abs_sq(g)
   if nu_st.quantized:
     if cfg.rounding == "nearest":
-      # The exact block maximum: under a slowly moving scale (the bound below), rounding
-      # to nearest would drop every small change of nu for good (+30-60% at decay 0.99).
+      # Rounding to nearest drops every change of nu below half a code (biased: that is
+      # why it is not the default). The exact block maximum, which moves every step,
+      # drops fewer than the slowly moving bound below (notebook 06: +4.9% vs +58%).
       nu = _store(_ema(load(nu, rdt), g2, r), nu_st, r, cfg)
     else:
       # One pass over the codes; the block scale is an upper bound from g alone.
