@@ -224,6 +224,11 @@ def _rms_scale(nu_hat: jax.Array, mu_hat: jax.Array | None, r: _Consts, cfg: Con
   if mu_hat is not None:
     # The variance is >= 0 in exact arithmetic; rounding may push it below.
     var = lax.max(lax.sub(nu_hat, _abs_sq(mu_hat)), r.zero)
+  return _inv_rms(var, r, cfg)
+
+
+def _inv_rms(var: jax.Array, r: _Consts, cfg: Config) -> jax.Array:
+  """``1 / sqrt(var + eps)``, or ``1 / (sqrt(var) + eps)``, for ``var >= 0``."""
   if cfg.eps_in_sqrt:
     denom = lax.add(var, r.s.eps)
     scale = lax.rsqrt(denom)
@@ -299,6 +304,63 @@ def _store(x: jax.Array, st: _Store, c: _Consts, cfg: Config) -> Any:
   return quantize.round_to(x, st.dtype, _bits(st, x, c, cfg))
 
 
+def _ema_quantized(q: QuantizedArray, x: jax.Array, st: _Store, r: _Consts, cfg: Config) -> QuantizedArray:
+  """``decay * q + (1 - decay) * x`` for ``x >= 0``, in 8-bit codes."""
+  if cfg.rounding == "nearest":
+    # Rounding to nearest drops every change below half a code (biased: that is why it
+    # is not the default). The exact block maximum, which moves every step, drops fewer
+    # of them than the slowly moving bound below (notebook 06: +4.9% vs +58%).
+    return _store(_ema(load(q, r.one.dtype), x, r), st, r, cfg)
+  # One pass over the codes; the block scale is an upper bound from x alone.
+  return quantize.ema_update(q, x, r.s.decay, r.s.one_minus_decay, bits=_bits(st, x, r, cfg))
+
+
+def _floored(stored: jax.Array, floor: jax.Array) -> jax.Array:
+  """``max(stored, floor)`` as a select: cheaper on CPU, and a NaN stored stays NaN."""
+  return lax.select(lax.gt(floor, stored), floor, stored)
+
+
+def _centered_variance(v: jax.Array, mu: jax.Array, r: _Consts) -> jax.Array:
+  """``nu_hat - mu_hat**2`` from ``v = nu - mu**2``, debiased as the float path does."""
+  if r.s.bias_corr is None:
+    return v
+  # nu / bc - mu**2 / bc**2 = v / bc - mu**2 (1 - bc) / bc**2, clamped as rounding may cross 0.
+  bc = r.s.bias_corr
+  var = lax.sub(lax.div(v, bc), lax.div(lax.mul(_abs_sq(mu), lax.sub(r.one, bc)), lax.mul(bc, bc)))
+  return lax.max(var, r.zero)
+
+
+def _centered_quantized(
+  g: jax.Array, v: Any, mu: Any, v_st: _Store, mu_st: _Store, r: _Consts, cfg: Config
+) -> tuple[jax.Array, Any, Any]:
+  r"""Centered RMSProp with 8-bit moments: the state keeps the variance.
+
+    ``nu - mu**2`` of two 8-bit moments (codes 6-12% apart) cancels where the
+    variance is small next to ``nu``: it rounds to 0 and a step divides by
+    ``sqrt(eps)``. In ``nu``'s place the state keeps :math:`v =
+  u - \mu^2`,
+    updated by the exact identity (Welford's, with exponential weights)
+
+    .. math::
+
+      v_t = \gamma\, v_{t-1} + (1 - \gamma)\, \gamma\, (g_t - \mu_{t-1})^2
+
+    which subtracts nothing that can cancel. In exact arithmetic the step is the
+    same; ``dequantize_state`` returns :math:`
+  u = v + \mu^2`. As ``nu`` is,
+    ``v`` is floored by its exact lower bound :math:`(1 - \gamma)\gamma
+    (g_t - \mu_{t-1})^2` when the step divides by it.
+  """
+  dt = r.one.dtype
+  mu_old = load(mu, dt)
+  dev = lax.sub(g, mu_old)
+  x = lax.mul(r.s.decay, lax.mul(dev, dev))
+  v = _ema_quantized(v, x, v_st, r, cfg)
+  mu = _store(_ema(mu_old, g, r), mu_st, r, cfg)
+  v_used = _floored(load(v, dt), lax.mul(r.s.one_minus_decay, x))
+  return _centered_variance(v_used, load(mu, dt), r), v, mu
+
+
 class _Leaf(NamedTuple):
   """One leaf's update and new moments, as stored (None if unused)."""
 
@@ -333,29 +395,24 @@ def _leaf_update(
   store = functools.partial(_store_for, p_shape=tuple(g.shape), p_dtype=out_dtype, leaf=leaf, cfg=cfg)
   g = _direction(_cast(g, cdt), p, c, cfg)
   nu_st = store("nu")
-  g2 = _abs_sq(g)
-  if nu_st.quantized:
-    if cfg.rounding == "nearest":
-      # Rounding to nearest drops every change of nu below half a code (biased: that is
-      # why it is not the default). The exact block maximum, which moves every step,
-      # drops fewer than the slowly moving bound below (notebook 06: +4.9% vs +58%).
-      nu = _store(_ema(load(nu, rdt), g2, r), nu_st, r, cfg)
-    else:
-      # One pass over the codes; the block scale is an upper bound from g alone.
-      nu = quantize.ema_update(nu, g2, r.s.decay, r.s.one_minus_decay, bits=_bits(nu_st, g2, r, cfg))
-    # nu >= (1 - decay) g**2 holds exactly; flooring the decoded value by it caps a step
-    # whose nu was rounded far down at lr / sqrt(1 - decay), at no cost in bytes. (A
-    # select, not max: cheaper on CPU, and a NaN in the stored nu stays NaN.)
-    nu_used, floor = load(nu, rdt), lax.mul(r.s.one_minus_decay, g2)
-    nu_used = lax.select(lax.gt(floor, nu_used), floor, nu_used)
+  if cfg.centered and nu_st.quantized:
+    var_hat, nu, mu = _centered_quantized(g, nu, mu, nu_st, store("mu"), r, cfg)
+    u = lax.mul(_inv_rms(var_hat, r, cfg), g)
   else:
-    nu = _store(_ema(load(nu, rdt), g2, r), nu_st, r, cfg)
-    nu_used = load(nu, rdt)  # the stored value, as the next step will see it
-  mu_hat = None
-  if cfg.centered:
-    mu = _store(_ema(load(mu, cdt), g, c), store("mu"), r, cfg)
-    mu_hat = _debias(load(mu, cdt), c)
-  u = lax.mul(_cast(_rms_scale(_debias(nu_used, r), mu_hat, r, cfg), cdt), g)
+    g2 = _abs_sq(g)
+    if nu_st.quantized:
+      nu = _ema_quantized(nu, g2, nu_st, r, cfg)
+      # nu >= (1 - decay) g**2 holds exactly; flooring the decoded value by it caps a
+      # step whose nu was rounded far down at lr / sqrt(1 - decay), at no cost in bytes.
+      nu_used = _floored(load(nu, rdt), lax.mul(r.s.one_minus_decay, g2))
+    else:
+      nu = _store(_ema(load(nu, rdt), g2, r), nu_st, r, cfg)
+      nu_used = load(nu, rdt)  # the stored value, as the next step will see it
+    mu_hat = None
+    if cfg.centered:
+      mu = _store(_ema(load(mu, cdt), g, c), store("mu"), r, cfg)
+      mu_hat = _debias(load(mu, cdt), c)
+    u = lax.mul(_cast(_rms_scale(_debias(nu_used, r), mu_hat, r, cfg), cdt), g)
   if cfg.scale_by_learning_rate:
     if not cfg.momentum:
       u = lax.mul(c.s.neg_lr, u)
@@ -428,6 +485,10 @@ def last_step_size(state: RMSPropState, cfg: Config, hp: Hyperparams) -> optax.U
   consts = _consts_factory(scalars)
 
   def one(nu: Any, mu: Any) -> jax.Array:
+    if is_centered_variance(nu, mu):
+      r = consts(jnp.float32)
+      scale = _inv_rms(_centered_variance(load(nu, jnp.float32), load(mu, jnp.float32), r), r, cfg)
+      return scale if r.s.neg_lr is None else lax.mul(lax.neg(r.s.neg_lr), scale)
     nu = load(nu, _real_dtype(_compute_dtype(_stored_dtype(nu))))
     r = consts(nu.dtype)
     mu_hat = None
@@ -440,6 +501,14 @@ def last_step_size(state: RMSPropState, cfg: Config, hp: Hyperparams) -> optax.U
   treedef = jax.tree.structure(state.nu, is_leaf=_is_stored_leaf)
   nus, mus = treedef.flatten_up_to(state.nu), _leaves_or_none(treedef, state.mu)
   return jax.tree.unflatten(treedef, [one(n, m) for n, m in zip(nus, mus)])
+
+
+def is_centered_variance(nu: Any, mu: Any) -> bool:
+  """Whether a leaf's stored ``nu`` holds ``nu - mu**2`` (centered, 8-bit codes).
+
+  See :func:`_centered_quantized`; ``nu = dequantize(nu) + dequantize(mu)**2``.
+  """
+  return isinstance(nu, QuantizedArray) and mu is not None
 
 
 def _stored_dtype(x: Any) -> Any:

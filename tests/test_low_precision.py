@@ -71,6 +71,43 @@ def test_round_to_nearest_stalls_where_stochastic_rounding_does_not(float32_nu):
   assert nearest / ref - 1 < -0.5
 
 
+@pytest.mark.parametrize("decay", [0.9, 0.99])
+@pytest.mark.parametrize("spread, tol", [(0.01, 0.2), (0.1, 0.05)], ids=["std 0.01", "std 0.1"])
+def test_centered_8bit_steps_track_float32_where_the_variance_is_small(spread, tol, decay):
+  # Gradients of mean 1 and standard deviation 0.01 (0.1): nu - mu**2 is 1e-4
+  # (1e-2) of nu, below the 6-12% between 8-bit codes, so two 8-bit moments
+  # cannot give it: it rounds to 0 or to a few percent of nu, and steps come out
+  # 100-10,000x too large. The state keeps the variance instead. What is left
+  # is the rounding noise of the stored mu (~1% of it), which adds to the
+  # variance it sees: at std 0.01 that is +30%, steps ~14% smaller.
+  shape = (8, 1024)
+  tx = {
+    "float32": rmsprop_jax.scale_by_rms(decay, eps=1e-8, centered=True),
+    "8-bit": rmsprop_jax.scale_by_rms(decay, eps=1e-8, centered=True, state_bits=8),
+  }
+  key = jax.random.key(3)
+
+  @jax.jit
+  def steps():
+    def body(states, t):
+      g = 1 + spread * jax.random.normal(jax.random.fold_in(key, t), shape)
+      out = {k: tx[k].update(g, states[k]) for k in tx}
+      return {k: v[1] for k, v in out.items()}, {k: v[0] / g for k, v in out.items()}
+
+    init = {k: t.init(jnp.zeros(shape)) for k, t in tx.items()}
+    return jax.lax.scan(body, init, jnp.arange(int(10 / (1 - decay))))
+
+  states, scale = steps()
+  late = slice(-int(2 / (1 - decay)), None)  # after the EMAs have filled
+  ratio = np.asarray(scale["8-bit"][late] / scale["float32"][late])
+  assert abs(np.median(ratio) - 1) < tol, np.median(ratio)
+  assert ratio.max() < 2.5 and ratio.min() > 0.3, (ratio.min(), ratio.max())
+  # dequantize_state gives back nu itself (= v + mu**2), within the 8-bit precision.
+  nu8 = rmsprop_jax.dequantize_state(states["8-bit"]).nu
+  err = np.abs(np.asarray(nu8) / np.asarray(states["float32"].nu) - 1)
+  assert np.median(err) < 0.06 and err.max() < 0.3, (np.median(err), err.max())
+
+
 # --- 8-bit state: layout, every option, composition --------------------------------------------
 
 BIG = {"w": np.zeros((64, 128), np.float32), "b": np.zeros(128, np.float32)}
@@ -302,7 +339,15 @@ def test_8bit_state_under_an_explicit_mesh_matches_unsharded(shape, spec):
   assert tuple(want)[: len(spec)] == spec
   for q in (sharded[1].nu, sharded[1].mu, sharded[1].trace):
     assert isinstance(q, QuantizedArray) and jax.typeof(q.codes).sharding.spec == want
-  chex.assert_trees_all_equal(jax.device_get(sharded), jax.device_get(plain))
+  # The same random bits and blocks, so the same trajectory up to XLA fusing the
+  # float32 arithmetic of a sharded program differently: a last-bit difference
+  # moves a rare value across a rounding threshold (one code), nothing more.
+  (p1, s1), (p0, s0) = jax.device_get(sharded), jax.device_get(plain)
+  assert np.mean(np.isclose(p1, p0, rtol=1e-5, atol=0)) > 0.99
+  np.testing.assert_allclose(p1, p0, rtol=0, atol=3 * 0.01)  # a step is at most ~lr
+  for a, b in zip((s1.nu, s1.mu, s1.trace), (s0.nu, s0.mu, s0.trace)):
+    assert np.mean(a.codes == b.codes) > 0.99
+    np.testing.assert_allclose(a.scale, b.scale, rtol=1e-5)
 
 
 def test_8bit_state_checkpoint_round_trip_is_bit_identical():
