@@ -335,30 +335,36 @@ def _centered_quantized(
 ) -> tuple[jax.Array, Any, Any]:
   r"""Centered RMSProp with 8-bit moments: the state keeps the variance.
 
-    ``nu - mu**2`` of two 8-bit moments (codes 6-12% apart) cancels where the
-    variance is small next to ``nu``: it rounds to 0 and a step divides by
-    ``sqrt(eps)``. In ``nu``'s place the state keeps :math:`v =
-  u - \mu^2`,
-    updated by the exact identity (Welford's, with exponential weights)
+  ``nu - mu**2`` of two 8-bit moments (codes 6-12% apart) cancels where the
+  variance is small next to ``nu``: it rounds to 0 and a step divides by
+  ``sqrt(eps)``. In ``nu``'s place the state keeps :math:`v = \nu - \mu^2`,
+  updated by the exact identity (Welford's, with exponential weights)
 
-    .. math::
+  .. math::
 
-      v_t = \gamma\, v_{t-1} + (1 - \gamma)\, \gamma\, (g_t - \mu_{t-1})^2
+    v_t = \gamma\, v_{t-1} + (1 - \gamma)\, \gamma\, (g_t - \mu_{t-1})^2
 
-    which subtracts nothing that can cancel. In exact arithmetic the step is the
-    same; ``dequantize_state`` returns :math:`
-  u = v + \mu^2`. As ``nu`` is,
-    ``v`` is floored by its exact lower bound :math:`(1 - \gamma)\gamma
-    (g_t - \mu_{t-1})^2` when the step divides by it.
+  which subtracts nothing that can cancel. In exact arithmetic the step is the
+  same; ``dequantize_state`` returns :math:`\nu = v + \mu^2`. The update
+  takes :math:`\gamma (g_t - \mu_{t-1})^2 = (g_t - \mu_t)^2 / \gamma` from the
+  new, stored :math:`\mu_t`; as ``nu`` is, ``v`` is floored by its lower bound
+  :math:`(1 - \gamma)(g_t - \mu_t)^2 / \gamma` when the step divides by it.
   """
   dt = r.one.dtype
-  mu_old = load(mu, dt)
-  dev = lax.sub(g, mu_old)
-  x = lax.mul(r.s.decay, lax.mul(dev, dev))
+  mu = _store(_ema(load(mu, dt), g, r), mu_st, r, cfg)
+  # decay (g - mu_{t-1})**2 = (g - mu_t)**2 / decay: from the new, stored mu, so that every
+  # later loop reads the new codes (from the old ones XLA would copy them before their
+  # update in place). decay = 0 keeps v = 0, as nu - mu**2 = g**2 - g**2.
+  mu_new = load(mu, dt)
+  dev = lax.sub(g, mu_new)
+  decay = r.s.decay
+  inv_decay = lax.select(
+    lax.gt(decay, r.zero), lax.div(r.one, lax.max(decay, r.one * np.float32(1e-30))), r.zero
+  )
+  x = lax.mul(inv_decay, lax.mul(dev, dev))
   v = _ema_quantized(v, x, v_st, r, cfg)
-  mu = _store(_ema(mu_old, g, r), mu_st, r, cfg)
   v_used = _floored(load(v, dt), lax.mul(r.s.one_minus_decay, x))
-  return _centered_variance(v_used, load(mu, dt), r), v, mu
+  return _centered_variance(v_used, mu_new, r), v, mu
 
 
 class _Leaf(NamedTuple):
