@@ -38,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import presets
-from rmsprop_jax.transform import RMSPropState
+from rmsprop_jax import presets, quantize
+from rmsprop_jax.diagnostics import dequantize_state
+from rmsprop_jax.quantize import QuantizedArray
+from rmsprop_jax.transform import RMSPropState, is_centered_variance
 
 __all__ = ["from_keras", "from_torch", "to_keras", "to_torch"]
 
@@ -137,14 +139,23 @@ def _is_masked(x: Any) -> bool:
 
 
 def _flat(tree: Any) -> tuple[list[Any], Any]:
-  """Leaves by position; a masked-out position (multi_transform) is a MaskedNode."""
-  return jax.tree.flatten(tree, is_leaf=_is_masked)
+  """Leaves by position; a masked-out position (multi_transform) is a MaskedNode,
+  an 8-bit moment one QuantizedArray."""
+  return jax.tree.flatten(tree, is_leaf=lambda x: _is_masked(x) or isinstance(x, QuantizedArray))
 
 
-def _state_leaf(value: np.ndarray | None, like: jax.Array) -> jax.Array:
-  """``value`` as a leaf like ``like`` (its dtype and sharding); None: ``like``."""
+def _state_leaf(value: np.ndarray | None, like: Any) -> Any:
+  """``value`` stored as ``like`` is (dtype, 8-bit codes, sharding); None: ``like``.
+
+  Narrower storage rounds to nearest: one rounding of the ported value.
+  """
   if value is None:
     return like
+  if isinstance(like, QuantizedArray):
+    q = quantize.quantize(jnp.asarray(value, jnp.float32), signed=like.codes.dtype == jnp.int8)
+    return QuantizedArray(
+      jax.device_put(q.codes, like.codes.sharding), jax.device_put(q.scale, like.scale.sharding)
+    )
   return jax.device_put(jnp.asarray(value, dtype=like.dtype), like.sharding)
 
 
@@ -152,20 +163,29 @@ def _fill(state: Any, slots: Sequence[_Slots], count: int) -> Any:
   """``state`` with every RMSPropState's leaves replaced by ``slots``."""
 
   def fill_one(st: RMSPropState) -> RMSPropState:
-    def field(tree: Any, name: str) -> Any:
-      if tree is None:
-        return None
-      leaves, treedef = _flat(tree)
-      return jax.tree.unflatten(
-        treedef,
-        [x if _is_masked(x) else _state_leaf(getattr(s, name), x) for x, s in zip(leaves, slots)],
-      )
-
+    nus, treedef = _flat(st.nu)
+    mus = _flat(st.mu)[0] if st.mu is not None else [None] * len(nus)
+    traces = _flat(st.trace)[0] if st.trace is not None else [None] * len(nus)
+    out: dict[str, list[Any]] = {"nu": [], "mu": [], "trace": []}
+    for nu, mu, trace, s in zip(nus, mus, traces, slots):
+      if _is_masked(nu):
+        out["nu"].append(nu), out["mu"].append(mu), out["trace"].append(trace)
+        continue
+      nu_value = s.nu
+      if is_centered_variance(nu, mu) and s.nu is not None:
+        # Centered 8-bit state keeps nu - mu**2 in nu's place (see the update).
+        mu_value = np.zeros_like(s.nu) if s.mu is None else s.mu
+        wide = np.asarray(s.nu, np.float64) - np.square(np.asarray(mu_value, np.float64))
+        nu_value = np.maximum(wide, 0).astype(np.float32)
+      out["nu"].append(_state_leaf(nu_value, nu))
+      out["mu"].append(None if mu is None else _state_leaf(s.mu, mu))
+      out["trace"].append(None if trace is None else _state_leaf(s.trace, trace))
+    tree = lambda name, old: None if old is None else jax.tree.unflatten(treedef, out[name])
     return RMSPropState(
       count=jnp.asarray(count, st.count.dtype),
-      nu=field(st.nu, "nu"),
-      mu=field(st.mu, "mu"),
-      trace=field(st.trace, "trace"),
+      nu=tree("nu", st.nu),
+      mu=tree("mu", st.mu),
+      trace=tree("trace", st.trace),
     )
 
   return jax.tree.map(lambda x: fill_one(x) if _is_rms(x) else x, state, is_leaf=_is_rms)
@@ -200,6 +220,7 @@ def _read(opt: optax.GradientTransformation, state: Any) -> _Read:
   counts: list[int | None] = []
   treedef = None
   for st in found:
+    st = dequantize_state(st)  # 8-bit codes, bfloat16 nu: float32 moments
     try:
       count = int(np.asarray(st.count))
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -373,8 +394,10 @@ def _torch_groups(view: _TorchView, learning_rate: LearningRate, count: int) -> 
   return groups
 
 
-def _torch_preset(g: _Group, lr: Any = None) -> optax.GradientTransformation:
-  return presets.pytorch(lr=g.learning_rate if lr is None else lr, **dict(g.settings))
+def _torch_preset(
+  g: _Group, lr: Any = None, storage: Mapping[str, Any] | None = None
+) -> optax.GradientTransformation:
+  return presets.pytorch(lr=g.learning_rate if lr is None else lr, **dict(g.settings), **(storage or {}))
 
 
 def _check_count_irrelevant(groups: list[_Group], steps: list[int | None], count: int) -> None:
@@ -410,6 +433,7 @@ def from_torch(
   params: optax.Params,
   *,
   learning_rate: LearningRate = None,
+  **storage: Any,
 ) -> tuple[optax.GradientTransformationExtraArgs, optax.OptState]:
   r"""A ``torch.optim.RMSprop`` mid-run as an optax optimizer and its state.
 
@@ -446,6 +470,12 @@ def from_torch(
       ``optax.exponential_decay(lr, 30, 0.1, staircase=True)``. Its value at
       the current step must equal the group's ``lr`` (rtol 1e-5), else this
       raises: a shifted schedule is caught before it runs.
+    **storage: the state's storage, as for the presets: ``state_bits=8``,
+      ``nu_dtype=jnp.bfloat16``, ``rounding``, ``seed``,
+      ``min_quantize_size``. The framework's float32 moments are then stored
+      that way (rounded to nearest, once; centered 8-bit state keeps
+      ``nu - mu**2``, computed in float64), and the run continues with the
+      smaller state. Default: float32 state, bit for bit the framework's.
 
   Returns:
     ``(opt, state)``: the optimizer and its state, ready for
@@ -473,6 +503,7 @@ def from_torch(
   References:
     https://pytorch.org/docs/stable/generated/torch.optim.RMSprop.html
   """
+  storage = presets._storage(storage)
   view = _torch_view(optimizer)
   leaves, paths, treedef = _leaves_and_paths(params)
   _check_positions("torch optimizer", view.shapes, leaves, paths)
@@ -482,7 +513,7 @@ def from_torch(
   _check_count_irrelevant(groups, steps, count)
   groups = _merge_groups(groups)
   labels = [f"param_group_{view.group_of[g.positions[0]]}" for g in groups]
-  opt = _build(_torch_preset, groups, labels, treedef)
+  opt = _build(lambda g: _torch_preset(g, storage=storage), groups, labels, treedef)
 
   def slots(st):
     if st is None:
@@ -685,8 +716,8 @@ def _keras_values(found: dict[str, list[Any]], field: str, n: int) -> list[np.nd
   return [sign * _numpy(v.value) for v in found[field]] or [None] * n
 
 
-def _keras_preset(g: _Group) -> optax.GradientTransformation:
-  return presets.keras(learning_rate=g.learning_rate, **dict(g.settings))
+def _keras_preset(g: _Group, storage: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
+  return presets.keras(learning_rate=g.learning_rate, **dict(g.settings), **(storage or {}))
 
 
 def from_keras(
@@ -694,6 +725,7 @@ def from_keras(
   params: optax.Params,
   *,
   learning_rate: optax.ScalarOrSchedule | None = None,
+  **storage: Any,
 ) -> tuple[optax.GradientTransformationExtraArgs, optax.OptState]:
   r"""A Keras 3 ``keras.optimizers.RMSprop`` mid-run as an optax optimizer and state.
 
@@ -727,6 +759,12 @@ def from_keras(
       schedule (JAX backend only). A float or an optax schedule of the
       iteration count replaces it; its value at the current iteration must
       equal Keras's current learning rate (rtol 1e-5).
+    **storage: the state's storage, as for the presets: ``state_bits=8``,
+      ``nu_dtype=jnp.bfloat16``, ``rounding``, ``seed``,
+      ``min_quantize_size``. The framework's float32 moments are then stored
+      that way (rounded to nearest, once; centered 8-bit state keeps
+      ``nu - mu**2``, computed in float64), and the run continues with the
+      smaller state. Default: float32 state, bit for bit the framework's.
 
   Returns:
     ``(opt, state)``, ready for ``opt.update(grads, state, params)`` (pass
@@ -754,6 +792,7 @@ def from_keras(
   References:
     https://keras.io/api/optimizers/rmsprop/
   """
+  storage = presets._storage(storage)
   keras = _keras_optimizer(optimizer)
   leaves, paths, treedef = _leaves_and_paths(params)
   found = _keras_slots(optimizer)
@@ -762,7 +801,7 @@ def from_keras(
   count = int(np.asarray(optimizer.iterations))
   lr = _keras_learning_rate(keras, optimizer, learning_rate, count)
   labels, groups = _keras_groups(optimizer, lr, len(leaves))
-  opt = _build(_keras_preset, groups, labels, treedef)
+  opt = _build(lambda g: _keras_preset(g, storage=storage), groups, labels, treedef)
   slots = [_Slots(*s) for s in zip(*(_keras_values(found, f, len(leaves)) for f in _Slots._fields))]
   return opt, _init_state(opt, leaves, treedef, slots, count)
 

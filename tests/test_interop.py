@@ -21,6 +21,7 @@ import pytest
 
 import rmsprop_jax
 from rmsprop_jax import RMSPropState, interop, presets
+from rmsprop_jax.quantize import QuantizedArray
 
 torch = pytest.importorskip("torch")
 keras = pytest.importorskip("keras")
@@ -303,6 +304,68 @@ def test_a_run_goes_to_jax_and_back_to_torch():
   continue_both(back, ours, shared=True, rtol=1e-6, start=K + STEPS, steps=10)
 
 
+SMALLER = {
+  "8-bit": (dict(state_bits=8, min_quantize_size=1), 0.07),  # 8-bit codes up to 12.5% apart
+  "bfloat16 nu": (dict(nu_dtype=jnp.bfloat16), 2.0**-8),
+}
+
+
+def assert_moments_close(ours, theirs, rtol, where=""):
+  """Each moment within ``rtol`` of its leaf's largest magnitude."""
+  for k, (a, b) in enumerate(zip(ours, theirs)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=0, atol=rtol * np.max(np.abs(b)) + 1e-30, err_msg=f"{where} {k}")
+
+
+@pytest.mark.parametrize("storage", SMALLER, ids=SMALLER)
+def test_a_torch_run_continues_in_jax_with_a_smaller_state(storage):
+  kw, rtol = SMALLER[storage]
+  kwargs = TORCH_CASES["centered with momentum"]
+  theirs = TorchRun(kwargs)
+  for t in range(K):
+    theirs.step(t)
+  opt, state = interop.from_torch(theirs.opt, theirs.params, **kw)
+  stored = state.nu["w"]
+  assert isinstance(stored, QuantizedArray) if "state_bits" in kw else stored.dtype == jnp.bfloat16
+  moments = rmsprop_jax.dequantize_state(state)  # nu itself, also for centered 8-bit
+  for field, key in (("nu", "square_avg"), ("mu", "grad_avg"), ("trace", "momentum_buffer")):
+    torch_side = [theirs.opt.state[p][key].numpy() for p in theirs.p]
+    rounded = field == "nu" or "state_bits" in kw  # bfloat16 nu: mu and the buffer stay float32
+    assert_moments_close(
+      [getattr(moments, field)[k] for k in NAMES], torch_side, rtol if rounded else 0, field
+    )
+  # The run goes on like torch's, within the storage's rounding.
+  continue_both(theirs, JaxRun(opt, state, theirs.params), shared=True, rtol=0.02, steps=10)
+
+
+def test_a_smaller_state_goes_back_to_torch_as_its_float32_values():
+  kwargs = TORCH_CASES["centered with momentum"]
+  theirs = TorchRun(kwargs)
+  for t in range(K):
+    theirs.step(t)
+  opt, state = interop.from_torch(theirs.opt, theirs.params, state_bits=8, min_quantize_size=1)
+  ours = JaxRun(opt, state, theirs.params)
+  for t in range(K, K + 5):
+    ours.step(t)
+  back = TorchRun(kwargs, params=jax.tree.map(np.asarray, ours.params))
+  interop.to_torch(opt, ours.state, back.opt)
+  moments = rmsprop_jax.dequantize_state(ours.state)
+  for k, p in zip(NAMES, back.p):
+    st = back.opt.state[p]
+    np.testing.assert_array_equal(st["square_avg"].numpy(), np.asarray(moments.nu[k]))
+    np.testing.assert_array_equal(st["grad_avg"].numpy(), np.asarray(moments.mu[k]))
+    np.testing.assert_array_equal(st["momentum_buffer"].numpy(), np.asarray(moments.trace[k]))
+
+
+def test_storage_keywords_are_checked():
+  theirs = TorchRun(dict(lr=0.01))
+  theirs.step(0)
+  with pytest.raises(TypeError, match="unexpected keyword argument.*state_bytes"):
+    interop.from_torch(theirs.opt, theirs.params, state_bytes=8)
+  with pytest.raises(ValueError, match="state_bits"):
+    interop.from_torch(theirs.opt, theirs.params, state_bits=4)
+
+
 def test_torch_errors_name_what_is_wrong():
   theirs = TorchRun(dict(lr=0.01))
   theirs.step(0)
@@ -451,6 +514,28 @@ def test_a_run_goes_to_jax_and_back_to_keras():
   interop.to_keras(opt, ours.state, back.opt)
   assert int(back.opt.iterations) == K + STEPS
   continue_both(back, ours, shared=True, rtol=1e-6, start=K + STEPS, steps=10)
+
+
+def test_a_keras_run_goes_to_jax_in_8_bits_and_back():
+  kwargs = KERAS_CASES["centered with momentum"]
+  theirs = KerasRun(kwargs)
+  for t in range(K):
+    theirs.step(t)
+  opt, state = interop.from_keras(theirs.opt, theirs.params, state_bits=8, min_quantize_size=1)
+  assert isinstance(state.nu["w"], QuantizedArray)
+  moments = rmsprop_jax.dequantize_state(state)
+  _, exact = interop.from_keras(theirs.opt, theirs.params)  # Keras's moments, in our conventions
+  for field in ("nu", "mu", "trace"):
+    ours_side = [getattr(moments, field)[k] for k in NAMES]
+    keras_side = [getattr(exact, field)[k] for k in NAMES]
+    assert_moments_close(ours_side, keras_side, SMALLER["8-bit"][1], field)
+  ours = JaxRun(opt, state, theirs.params)
+  continue_both(theirs, ours, shared=True, rtol=0.02, steps=10)
+  back = KerasRun(kwargs, params=ours.params)
+  interop.to_keras(opt, ours.state, back.opt)
+  nu = [np.asarray(v.value) for v in back.opt.variables if v.name.endswith("_velocity")]
+  for a, k in zip(nu, NAMES):
+    np.testing.assert_array_equal(a, np.asarray(rmsprop_jax.dequantize_state(ours.state).nu[k]))
 
 
 def test_an_unbuilt_keras_optimizer_starts_from_zero():
