@@ -154,6 +154,9 @@ OPTIONS = {
   "maximize": dict(maximize=True),
   "schedules": dict(decay=optax.linear_schedule(0.9, 0.99, 10), momentum=0.5),
   "centered momentum lr outside": dict(centered=True, momentum=0.9, lr_inside_momentum=False),
+  "centered schedule eps outside": dict(
+    centered=True, decay=optax.linear_schedule(0.9, 0.99, 10), eps_in_sqrt=False
+  ),
 }
 
 
