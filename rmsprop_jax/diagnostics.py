@@ -165,13 +165,13 @@ def dequantize_state(state: Any) -> Any:
       return s
     is_q = lambda x: isinstance(x, QuantizedArray)
     tree = lambda t: None if t is None else jax.tree.map(moment, t, is_leaf=is_q)
-    nu = tree(s.nu)
+    nu, mu = tree(s.nu), tree(s.mu)
     if s.mu is not None:  # centered 8-bit leaves keep nu - mu**2 (see the update)
       treedef = jax.tree.structure(s.nu, is_leaf=is_q)
-      pairs = zip(treedef.flatten_up_to(s.nu), treedef.flatten_up_to(s.mu), treedef.flatten_up_to(nu))
+      leaves = (treedef.flatten_up_to(t) for t in (s.nu, s.mu, nu, mu))
       nu = treedef.unflatten(
-        [f + jnp.square(load(m, jnp.float32)) if is_centered_variance(q, m) else f for q, m, f in pairs]
+        [v + jnp.square(m) if is_centered_variance(qv, qm) else v for qv, qm, v, m in zip(*leaves)]
       )
-    return s._replace(nu=nu, mu=tree(s.mu), trace=tree(s.trace))
+    return s._replace(nu=nu, mu=mu, trace=tree(s.trace))
 
   return jax.tree.map(convert, state, is_leaf=is_ours)

@@ -666,6 +666,25 @@ def _decode(codes: jax.Array, cm: _Map, code: str) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def _map_of(codes: jax.Array, code: str | None) -> tuple[_Map, str]:
+  """The code map of stored codes (uint8 or int8) and its name."""
+  if codes.dtype not in (jnp.uint8, jnp.int8):
+    raise TypeError(f"codes must be uint8 or int8, got {codes.dtype}")
+  signed = codes.dtype == jnp.int8
+  code = _default_code(code, signed)
+  return _code_map(code, signed), code
+
+
+def _to_grid(scale: jax.Array, cm: _Map) -> jax.Array:
+  """Per block, values -> grid units (``top / scale``; 0 for an all-zero block)."""
+  return lax.select(lax.gt(scale, _full(0, scale)), lax.div(_full(cm.top, scale), scale), _full(0, scale))
+
+
+def _from_grid(scale: jax.Array, cm: _Map) -> jax.Array:
+  """Per block, grid units -> values (``scale / top``)."""
+  return lax.div(scale, _full(np.float32(cm.top), scale))
+
+
 class QuantizedArray(NamedTuple):
   """An array stored as 8-bit codes and one float32 scale per block.
 
@@ -742,8 +761,7 @@ def quantize(
   elif scale.shape != scale_shape(shape):
     raise ValueError(f"scale must have shape {scale_shape(shape)}, got {scale.shape}")
   scale = scale.astype(jnp.float32)
-  inv = lax.select(lax.gt(scale, _full(0, scale)), lax.div(_full(cm.top, scale), scale), _full(0, scale))
-  y = lax.mul(x, _expand_like(inv, x))
+  y = lax.mul(x, _expand_like(_to_grid(scale, cm), x))
   return QuantizedArray(_encode(y, cm, code, bits), scale)
 
 
@@ -797,13 +815,9 @@ def ema_update(
     (Array([3., 3.], dtype=float32), Array([3., 3.], dtype=float32))
   """
   codes = q.codes
-  if codes.dtype not in (jnp.uint8, jnp.int8):
-    raise TypeError(f"codes must be uint8 or int8, got {codes.dtype}")
+  cm, code = _map_of(codes, code)
   if x.shape != codes.shape:
     raise ValueError(f"x must have the codes' shape {codes.shape}, got {x.shape}")
-  signed = codes.dtype == jnp.int8
-  code = _default_code(code, signed)
-  cm = _code_map(code, signed)
   x = x.astype(jnp.float32)
   if bits is not None:
     _check_bits(bits, x.shape)
@@ -815,9 +829,9 @@ def ema_update(
     else lax.convert_element_type(one_minus_decay, jnp.float32)
   )
   scale = lax.add(lax.mul(decay, old), lax.mul(omd, block_absmax(x)))
-  inv = lax.select(lax.gt(scale, _full(0, scale)), lax.div(_full(cm.top, scale), scale), _full(0, scale))
+  inv = _to_grid(scale, cm)
   a = lax.mul(omd, inv)  # x -> grid units of the new scale
-  c = lax.mul(lax.mul(decay, lax.div(old, _full(np.float32(cm.top), old))), inv)  # old grid -> new grid
+  c = lax.mul(lax.mul(decay, _from_grid(old, cm)), inv)  # old grid -> new grid
   y = lax.add(lax.mul(x, _expand_like(a, x)), lax.mul(_decode(codes, cm, code), _expand_like(c, x)))
   return QuantizedArray(_encode(y, cm, code, bits), scale)
 
@@ -841,10 +855,6 @@ def dequantize(q: QuantizedArray, *, code: str | None = None) -> jax.Array:
     Array([0.    , 2.0078, 4.    ], dtype=float32)
   """
   codes = q.codes
-  if codes.dtype not in (jnp.uint8, jnp.int8):
-    raise TypeError(f"codes must be uint8 or int8, got {codes.dtype}")
-  signed = codes.dtype == jnp.int8
-  code = _default_code(code, signed)
-  cm = _code_map(code, signed)
-  unit = lax.div(q.scale.astype(jnp.float32), _full(np.float32(cm.top), q.scale))
+  cm, code = _map_of(codes, code)
+  unit = _from_grid(q.scale.astype(jnp.float32), cm)
   return lax.mul(_decode(codes, cm, code), _expand_like(unit, codes))
