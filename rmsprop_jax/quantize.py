@@ -49,6 +49,7 @@ byte per parameter read (``benchmarks/quant_codes.md``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -135,6 +136,48 @@ def _global_index(shape: tuple[int, ...], sharding: Any = None) -> jax.Array:
   return idx
 
 
+def stream_key(seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_index: int) -> jax.Array:
+  """The uint32 key of one stream of :func:`random_bits` (a scalar)."""
+  k = _mix32(lax.add(_as_u32(seed), _u32(0x9E3779B9)))
+  k = _mix32(lax.bitwise_xor(k, _as_u32(count)))
+  return _mix32(lax.add(k, _u32(0x85EBCA6B * (int(leaf_index) + 1))))
+
+
+_KEY_GROUP = 32  # stream keys extracted per variadic reduce (see stream_keys)
+
+
+def stream_keys(seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_indices: Sequence[int]) -> list:
+  """:func:`stream_key` of many streams, as separate scalars computed at run time.
+
+  The keys are computed as one vector and handed out by variadic reductions
+  (one per group of 32), whose outputs XLA keeps as buffers: each consumer
+  then takes its key as an operand instead of fusing its own constant. Two
+  leaves of one shape thus compile to the same kernels, which XLA compiles
+  once (a tree of 200 same-shaped leaves compiles like a tree of a few).
+  """
+  idx = [int(i) for i in leaf_indices]
+  if not idx:
+    return []
+  k = _mix32(lax.add(_as_u32(seed), _u32(0x9E3779B9)))
+  k = _mix32(lax.bitwise_xor(k, _as_u32(count)))
+  salt = np.asarray([(0x85EBCA6B * (i + 1)) & 0xFFFFFFFF for i in idx], np.uint32)
+  keys = _mix32(lax.add(lax.broadcast(k, (len(idx),)), jnp.asarray(salt)))
+  pair = jnp.stack([keys, jnp.zeros_like(keys)], axis=1)  # (n, 2): each key reduced with a 0
+  out: list = []
+  for start in range(0, len(idx), _KEY_GROUP):
+    ops = tuple(lax.index_in_dim(pair, i, 0, keepdims=False) for i in range(start, min(start + _KEY_GROUP, len(idx))))
+    init = tuple(np.uint32(0) for _ in ops)
+    out.extend(lax.reduce(ops, init, lambda a, b: tuple(map(lax.bitwise_or, a, b)), (0,)))
+  return out
+
+
+def bits_from_key(key: jax.Array, shape: Sequence[int], *, out_sharding: Any = None) -> jax.Array:
+  """:func:`random_bits` of one stream from its :func:`stream_key`."""
+  shape = tuple(int(d) for d in shape)
+  idx = _global_index(shape, out_sharding)
+  return _mix32(lax.bitwise_xor(idx, key))  # key: a scalar, broadcast like idx
+
+
 def random_bits(
   seed: jax.typing.ArrayLike,
   count: jax.typing.ArrayLike,
@@ -179,12 +222,7 @@ def random_bits(
     >>> bool((a == random_bits(0, 4, 0, (2, 3))).any())
     False
   """
-  shape = tuple(int(d) for d in shape)
-  k = _mix32(lax.add(_as_u32(seed), _u32(0x9E3779B9)))
-  k = _mix32(lax.bitwise_xor(k, _as_u32(count)))
-  k = _mix32(lax.add(k, _u32(0x85EBCA6B * (int(leaf_index) + 1))))
-  idx = _global_index(shape, out_sharding)
-  return _mix32(lax.bitwise_xor(idx, k))  # k: a scalar, broadcast like idx
+  return bits_from_key(stream_key(seed, count, leaf_index), shape, out_sharding=out_sharding)
 
 
 def _check_bits(bits: jax.Array, shape: tuple[int, ...]) -> None:
@@ -685,22 +723,140 @@ def _from_grid(scale: jax.Array, cm: _Map) -> jax.Array:
   return lax.div(scale, _full(np.float32(cm.top), scale))
 
 
-class QuantizedArray(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scale"], meta_fields=["code"])
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
   """An array stored as 8-bit codes and one float32 scale per block.
 
   A pytree of two arrays (checkpoints, ``vmap`` and sharding treat it like
-  any state). The code map is not stored: pass the same ``code`` to
-  :func:`quantize` and :func:`dequantize`.
+  any state) with its code map as static metadata, so that
+  :func:`dequantize` decodes it with the map it was quantized with.
 
   Attributes:
     codes: uint8 (unsigned maps) or int8 (signed maps) codes, of the original
       array's shape.
     scale: float32, one per block (:func:`scale_shape`): the largest
       magnitude the block may hold, by default its absolute maximum.
+    code: the code map (one of :data:`CODES`), or None for the default of the
+      codes' signedness (:data:`NU_CODE` for uint8, :data:`SIGNED_CODE` for
+      int8).
   """
 
   codes: jax.Array
   scale: jax.Array
+  code: str | None = None
+
+  def __post_init__(self) -> None:
+    if self.code is not None and self.code not in CODES:
+      raise ValueError(f"code must be one of {CODES} or None, got {self.code!r}")
+
+  def __iter__(self):  # ``codes, scale = q``, as when this was a (codes, scale) tuple
+    return iter((self.codes, self.scale))
+
+
+def _code_field(code: str | None, signed: bool) -> str | None:
+  """``code`` as stored in :class:`QuantizedArray`: None for the default map."""
+  return None if code is None or code == _default_code(None, signed) else code
+
+
+def _resolve_code(q: QuantizedArray, code: str | None) -> str | None:
+  """The map to decode ``q`` with: its own; a ``code`` argument must agree."""
+  signed = q.codes.dtype == jnp.int8
+  own = _default_code(q.code, signed)
+  if code is not None and _default_code(code, signed) != own:
+    raise ValueError(f"q was quantized with code {own!r}; got code={code!r}")
+  return own
+
+
+def full(
+  shape: Sequence[int],
+  value: jax.typing.ArrayLike,
+  *,
+  signed: bool,
+  like: Any = None,
+  code: str | None = None,
+) -> QuantizedArray:
+  """The quantization of an array of ``shape`` filled with ``value``, written down directly.
+
+  Exactly what :func:`quantize` gives for that constant array (every block's
+  scale is ``|value|``; its codes are those of +-1, or 0), without computing
+  any block maximum: under ``jit`` nothing is left for XLA to constant-fold,
+  whatever the size.
+
+  Args:
+    shape: the array's shape (rank >= 1).
+    value: a scalar (Python number, array or tracer); >= 0 when unsigned.
+    signed: signed (int8) or unsigned (uint8) codes.
+    like: optional array or ``jax.ShapeDtypeStruct`` of ``shape`` whose
+      placement the codes take (its sharding, or under ``jit`` its
+      propagated sharding).
+    code: the code map; None for the default of ``signed``.
+
+  Returns:
+    A :class:`QuantizedArray`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax.quantize import dequantize, full, quantize
+    >>> q = full((2, 300), 0.5, signed=False)
+    >>> r = quantize(jnp.full((2, 300), 0.5), signed=False)
+    >>> bool((q.codes == r.codes).all() and (q.scale == r.scale).all())
+    True
+  """
+  shape = tuple(int(d) for d in shape)
+  _layout(shape)  # refuses scalars
+  name = _default_code(code, bool(signed))
+  cm = _code_map(name, bool(signed))
+  one = _encode(jnp.asarray([cm.top], jnp.float32), cm, name, None)[0]  # the code of +1
+  dtype = jnp.int8 if signed else jnp.uint8
+  v = jnp.asarray(value, jnp.float32)
+  one = lax.convert_element_type(one, dtype)
+  code_v = lax.select(lax.gt(v, np.float32(0)), one, lax.convert_element_type(0, dtype))
+  if signed:
+    code_v = lax.select(lax.lt(v, np.float32(0)), lax.neg(one), code_v)
+  mag = lax.abs(v)
+  return QuantizedArray(_filled(shape, code_v, like), _filled(scale_shape(shape), mag, like, blocks=True), _code_field(code, bool(signed)))
+
+
+def _filled(shape: tuple[int, ...], value: jax.Array, like: Any, blocks: bool = False) -> jax.Array:
+  """``value`` broadcast to ``shape``, placed like ``like`` (per block of it if ``blocks``)."""
+  if like is None:
+    return lax.broadcast(value, shape)
+  if isinstance(like, jax.ShapeDtypeStruct):
+    sharding = like.sharding
+    if blocks and sharding is not None:
+      sharding = _scale_sharding(sharding, tuple(like.shape))
+    return jnp.full(shape, value, value.dtype, device=sharding)
+  src = like.real if jnp.iscomplexobj(like) else like
+  if blocks:  # one entry of each block: the scale's shape, sharded as its blocks are
+    src = _block_view(src, _layout(tuple(like.shape)), 0)[..., 0].reshape(shape)
+  # A select on ``like`` (always false) carries its sharding; XLA folds it away after
+  # propagating shardings, so nothing of ``like`` is read.
+  keep = jnp.zeros_like(src, dtype=bool)
+  return jnp.where(keep, lax.convert_element_type(src, value.dtype), value)
+
+
+def _scale_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
+  """For an array of ``shape`` placed with ``sharding``: its scale's placement.
+
+  Blocks lie inside rows, so the scale takes the array's first-dimension
+  sharding (row layout, or a flat layout whose shards hold whole blocks);
+  otherwise it is replicated.
+  """
+  spec = getattr(sharding, "spec", None)
+  mesh = getattr(sharding, "mesh", None)
+  if spec is None or mesh is None:
+    return None
+  lay = _layout(shape)
+  first = tuple(spec)[0] if len(spec) else None
+  if first is not None:
+    axes = first if isinstance(first, tuple) else (first,)
+    n = math.prod(mesh.shape[a] for a in axes)
+    rows = lay.blocks if lay.flat else lay.rows
+    if rows % n == 0 and (not lay.flat or lay.padded == lay.length):
+      rest = () if lay.flat else (None,)
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(first, *rest))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def quantize(
@@ -750,6 +906,7 @@ def quantize(
     Dettmers, Lewis, Shleifer and Zettlemoyer, "8-bit Optimizers via
     Block-wise Quantization", ICLR 2022.
   """
+  field = _code_field(code, bool(signed))
   code = _default_code(code, bool(signed))
   cm = _code_map(code, bool(signed))
   x = x.astype(jnp.float32)
@@ -762,7 +919,7 @@ def quantize(
     raise ValueError(f"scale must have shape {scale_shape(shape)}, got {scale.shape}")
   scale = scale.astype(jnp.float32)
   y = lax.mul(x, _expand_like(_to_grid(scale, cm), x))
-  return QuantizedArray(_encode(y, cm, code, bits), scale)
+  return QuantizedArray(_encode(y, cm, code, bits), scale, field)
 
 
 def ema_update(
@@ -773,6 +930,7 @@ def ema_update(
   *,
   bits: jax.Array | None = None,
   code: str | None = None,
+  scale: jax.Array | None = None,
 ) -> QuantizedArray:
   r"""An exponential moving average kept in 8-bit codes: one pass over them.
 
@@ -801,7 +959,10 @@ def ema_update(
     one_minus_decay: :math:`1 - \beta` as the caller rounds it (default
       ``1 - decay``).
     bits: None to round to nearest, else uint32 random bits of ``x``'s shape.
-    code: the code map of ``q`` (None: the default for its signedness).
+    code: the code map of ``q`` (None: its own, ``q.code``).
+    scale: the new per-block scale, if the caller computed it (e.g. in a
+      pass of its own); magnitudes above it are clipped to it. Default: the
+      bound above.
 
   Returns:
     The new :class:`QuantizedArray`.
@@ -815,7 +976,7 @@ def ema_update(
     (Array([3., 3.], dtype=float32), Array([3., 3.], dtype=float32))
   """
   codes = q.codes
-  cm, code = _map_of(codes, code)
+  cm, code = _map_of(codes, _resolve_code(q, code))
   if x.shape != codes.shape:
     raise ValueError(f"x must have the codes' shape {codes.shape}, got {x.shape}")
   x = x.astype(jnp.float32)
@@ -828,12 +989,16 @@ def ema_update(
     if one_minus_decay is None
     else lax.convert_element_type(one_minus_decay, jnp.float32)
   )
-  scale = lax.add(lax.mul(decay, old), lax.mul(omd, block_absmax(x)))
+  if scale is None:
+    scale = lax.add(lax.mul(decay, old), lax.mul(omd, block_absmax(x)))
+  elif scale.shape != old.shape:
+    raise ValueError(f"scale must have shape {old.shape}, got {scale.shape}")
+  scale = scale.astype(jnp.float32)
   inv = _to_grid(scale, cm)
   a = lax.mul(omd, inv)  # x -> grid units of the new scale
   c = lax.mul(lax.mul(decay, _from_grid(old, cm)), inv)  # old grid -> new grid
   y = lax.add(lax.mul(x, _expand_like(a, x)), lax.mul(_decode(codes, cm, code), _expand_like(c, x)))
-  return QuantizedArray(_encode(y, cm, code, bits), scale)
+  return QuantizedArray(_encode(y, cm, code, bits), scale, q.code)
 
 
 def dequantize(q: QuantizedArray, *, code: str | None = None) -> jax.Array:
@@ -841,8 +1006,8 @@ def dequantize(q: QuantizedArray, *, code: str | None = None) -> jax.Array:
 
   Args:
     q: codes and scales from :func:`quantize`.
-    code: the code map ``q`` was quantized with (None: the default for its
-      codes' signedness).
+    code: optional, the code map ``q`` was quantized with; it must agree with
+      ``q.code`` (a :class:`QuantizedArray` records its map).
 
   Returns:
     A float32 array of ``q.codes``' shape.
@@ -850,11 +1015,11 @@ def dequantize(q: QuantizedArray, *, code: str | None = None) -> jax.Array:
   Example:
     >>> import jax.numpy as jnp
     >>> from rmsprop_jax.quantize import QuantizedArray, dequantize
-    >>> q = QuantizedArray(jnp.array([0, 128, 255], jnp.uint8), jnp.array([4.0]))
-    >>> dequantize(q, code="linear").round(4)
+    >>> q = QuantizedArray(jnp.array([0, 128, 255], jnp.uint8), jnp.array([4.0]), code="linear")
+    >>> dequantize(q).round(4)
     Array([0.    , 2.0078, 4.    ], dtype=float32)
   """
   codes = q.codes
-  cm, code = _map_of(codes, code)
+  cm, code = _map_of(codes, _resolve_code(q, code))
   unit = _from_grid(q.scale.astype(jnp.float32), cm)
   return lax.mul(_decode(codes, cm, code), _expand_like(unit, codes))

@@ -38,7 +38,8 @@ def reference_updates(
     lr: a float or a callable ``step -> lr`` (step counted from 0).
     decay: a float or a callable ``step -> decay`` (step counted from 0).
     nu_round: optional function rounding the second moment to its storage
-      precision after each EMA update (the step then uses the rounded value).
+      precision after each EMA update: the rounded value is what the next
+      step starts from, while this step divides by the exact new value.
     (the rest): as in rmsprop_jax.rmsprop.
 
   Returns:
@@ -62,11 +63,10 @@ def reference_updates(
         g = -g
       if weight_decay and weight_decay_mode == "coupled":
         g = g + weight_decay * p[k]
-      nu[k] = rho * nu[k] + (1 - rho) * np.abs(g) ** 2
-      if nu_round is not None:
-        nu[k] = nu_round(nu[k])
+      nu_new = rho * nu[k] + (1 - rho) * np.abs(g) ** 2
+      nu[k] = nu_new if nu_round is None else nu_round(nu_new)
       mu[k] = rho * mu[k] + (1 - rho) * g
-      nu_hat, mu_hat = nu[k], mu[k]
+      nu_hat, mu_hat = nu_new, mu[k]
       if bias_correction:
         assert not callable(decay), "bias correction needs a constant decay"
         nu_hat = nu_hat / (1 - decay ** (t + 1))
