@@ -29,6 +29,7 @@ that take their optimizers.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -667,6 +668,19 @@ class _Keras:
   def count(self) -> int:
     return int(np.asarray(self.optimizer.iterations))
 
+  @functools.cached_property
+  def built_with(self) -> list[Any]:
+    """The variables a built optimizer was built with: our parameters, by position."""
+    variables = self._private("_trainable_variables", "the variables the optimizer was built with")
+    overwritten = [i for i, v in enumerate(variables) if v.overwrite_with_gradient]
+    if overwritten:
+      raise ValueError(
+        f"the optimizer's variables at positions {overwritten} have overwrite_with_gradient=True:"
+        " Keras replaces them by their gradient instead of taking an RMSprop step, which"
+        " cannot be ported"
+      )
+    return list(variables)
+
   def slots(self) -> dict[str, list[Any]]:
     """Each field's variables, in the order of the variables the optimizer was built with.
 
@@ -675,6 +689,7 @@ class _Keras:
     Keras that keeps more or renames one fails instead of losing it.
     """
     opt = self.optimizer
+    n = len(self.built_with) if opt.built else 0
     found: dict[str, list[Any]] = {field: [] for field in _KERAS_SLOTS}
     unknown = []
     for v in opt.variables:
@@ -683,13 +698,14 @@ class _Keras:
         found[field].append(v)
       elif not (v is opt.iterations or v.name == "learning_rate"):
         unknown.append(v.name)
-    n = len(found["nu"])
     expected = {"nu": n, "trace": n if opt.momentum > 0 else 0, "mu": n if opt.centered else 0}
     if unknown or any(len(found[f]) != expected[f] for f in found):
       kept = ", ".join(f"{len(found[f])} '*_{kind}'" for f, kind in _KERAS_SLOTS.items())
+      others = f" and others named {unknown}" if unknown else ""
       raise self._unsupported(
         f"the optimizer (momentum={opt.momentum}, centered={opt.centered}) has {kept}"
-        f" variables and others named {unknown}"
+        f" variables{others}, not one velocity per parameter with a momentum (if"
+        " momentum > 0) and an average_gradient (if centered)"
       )
     return found
 
@@ -705,9 +721,8 @@ class _Keras:
           " not known which parameters it exempts; call optimizer.build(variables) first"
         )
       return [False] * n
-    built_with = self._private("_trainable_variables", "the variables the optimizer was built with")
     uses = self._private("_use_weight_decay", "whether a variable gets weight decay")
-    return [not uses(v) for v in built_with]
+    return [not uses(v) for v in self.built_with]
 
   def _exclusion_set(self) -> bool:
     """Whether ``exclude_from_weight_decay()`` was called on the optimizer.
@@ -874,7 +889,7 @@ def from_keras(
   lr = keras.learning_rate(learning_rate)
   found = keras.slots()
   if optimizer.built:
-    _check_positions("Keras optimizer", [tuple(v.shape) for v in found["nu"]], leaves, paths)
+    _check_positions("Keras optimizer", [tuple(v.shape) for v in keras.built_with], leaves, paths)
   labels, groups = keras.groups(lr, len(leaves))
   opt = _build(lambda g: _keras_preset(g, storage=storage), groups, labels, treedef)
   slots = [_Slots(*s) for s in zip(*(_keras_values(found, f, len(leaves)) for f in _Slots._fields))]
@@ -927,7 +942,7 @@ def to_keras(opt: optax.GradientTransformation, state: optax.OptState, optimizer
     raise ValueError("optimizer must be built (optimizer.build(variables)) before its state is loaded")
   ours = _read(opt, state)
   found = keras.slots()
-  _check_positions("Keras optimizer", [tuple(v.shape) for v in found["nu"]], [s.nu for s in ours.slots])
+  _check_positions("Keras optimizer", [tuple(v.shape) for v in keras.built_with], [s.nu for s in ours.slots])
   if len(set(ours.counts)) > 1:
     raise ValueError(
       f"Keras keeps one iteration count, but the state has several: {sorted(set(ours.counts))}"

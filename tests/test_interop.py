@@ -581,10 +581,18 @@ def test_keras_variables_the_port_does_not_know_are_refused(monkeypatch):
   monkeypatch.undo()
   # A variable of a kind the port does not know (a renamed slot, an addition).
   theirs.opt.add_variable((2,), name="b_rms")
-  with pytest.raises(RuntimeError, match=r"and others named \['b_rms'\] in Keras"):
+  with pytest.raises(RuntimeError, match=r"and others named \['b_rms'\], not one velocity per parameter"):
     interop.from_keras(theirs.opt, theirs.params)
   with pytest.raises(RuntimeError, match=r"others named \['b_rms'\]"):
     interop.to_keras(*interop.from_keras(KerasRun(dict(learning_rate=0.01)).opt, P0), theirs.opt)
+
+
+def test_keras_variables_overwritten_with_their_gradient_are_refused():
+  theirs = KerasRun(dict(learning_rate=0.01), build=False)
+  theirs.vars[1].overwrite_with_gradient = True  # e.g. a float8 layer's scales
+  theirs.opt.build(theirs.vars)
+  with pytest.raises(ValueError, match=r"positions \[1\] have overwrite_with_gradient=True"):
+    interop.from_keras(theirs.opt, theirs.params)
 
 
 def test_an_exclude_from_weight_decay_that_leaves_no_trace_fails(monkeypatch):
