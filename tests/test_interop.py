@@ -6,7 +6,8 @@ gradients: the framework's own gradients fed to both (differences come from
 the optimizers' arithmetic alone; rtol 1e-6), or each side computing its own
 (torch's autograd or Keras's ops against jax.grad; rtol 1e-5). Tolerances are
 relative to each leaf's scale (max |p|): single entries pass through zero,
-where an elementwise relative error means nothing.
+where an elementwise relative error means nothing. The Keras tests run on the
+latest Keras and on its floor, 3.5.0 (.ci/minimum-versions.txt).
 """
 
 import io
