@@ -29,6 +29,7 @@ that take their optimizers.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -612,102 +613,189 @@ def _check_buffer(i: int, what: str, framework_has: bool, ours: Any, setting: st
 # Keras 3.
 # ---------------------------------------------------------------------------
 
-_KERAS_SLOTS = {"nu": "_velocity", "trace": "_momentum", "mu": "_average_gradient"}
+# RMSprop.build's names for its variables (add_optimizer_variables names one
+# "<the parameter's path>_<kind>"), by the field of our state each one fills.
+_KERAS_SLOTS = {"nu": "velocity", "trace": "momentum", "mu": "average_gradient"}
 
 
-def _keras_optimizer(optimizer: Any) -> Any:
-  keras = sys.modules.get("keras")
-  if keras is None or not isinstance(optimizer, keras.optimizers.RMSprop):
-    raise TypeError(f"optimizer must be a keras.optimizers.RMSprop, got {_type_name(optimizer)}")
-  for name, bad in (
-    ("use_ema", optimizer.use_ema),
-    ("gradient_accumulation_steps", optimizer.gradient_accumulation_steps),
-  ):
-    if bad:
+class _Keras:
+  """A ``keras.optimizers.RMSprop``, read and written by the port through here alone.
+
+  Public Keras 3 API wherever Keras has some: the constructor's settings
+  (``rho``, ``momentum``, ...), ``built``, ``iterations``, ``learning_rate``,
+  ``variables`` and their names, ``exclude_from_weight_decay``. Where Keras
+  has none, the private attribute itself, read without a default by
+  :meth:`_private`: a Keras release that renames it makes the port fail,
+  naming it, instead of porting another run (weight decay on the variables
+  Keras exempts, a constant learning rate for a schedule).
+  """
+
+  def __init__(self, optimizer: Any):
+    keras = sys.modules.get("keras")
+    if keras is None or not isinstance(optimizer, keras.optimizers.RMSprop):
+      raise TypeError(f"optimizer must be a keras.optimizers.RMSprop, got {_type_name(optimizer)}")
+    for name, bad in (
+      ("use_ema", optimizer.use_ema),
+      ("gradient_accumulation_steps", optimizer.gradient_accumulation_steps),
+    ):
+      if bad:
+        raise ValueError(
+          f"{name}={bad!r} cannot be ported: the optimizer state carries no"
+          " model-weight EMA or gradient accumulators (build the Keras optimizer"
+          " without it)"
+        )
+    self.keras = keras
+    self.optimizer = optimizer
+
+  def _unsupported(self, what: str) -> RuntimeError:
+    return RuntimeError(
+      f"{what} in Keras {self.keras.__version__}, so rmsprop_jax.interop cannot tell what"
+      " this optimizer would do; it reads Keras 3's RMSprop (3.5 and later) and this release"
+      " is not one it knows"
+    )
+
+  def _private(self, name: str, purpose: str) -> Any:
+    """``optimizer.<name>``, read because Keras has no public way to get ``purpose``."""
+    try:
+      return getattr(self.optimizer, name)
+    except AttributeError:
+      raise self._unsupported(
+        f"keras.optimizers.RMSprop has no attribute {name!r} (read for {purpose}, which Keras"
+        " has no public accessor for)"
+      ) from None
+
+  @property
+  def count(self) -> int:
+    return int(np.asarray(self.optimizer.iterations))
+
+  @functools.cached_property
+  def built_with(self) -> list[Any]:
+    """The variables a built optimizer was built with: our parameters, by position."""
+    variables = self._private("_trainable_variables", "the variables the optimizer was built with")
+    overwritten = [i for i, v in enumerate(variables) if v.overwrite_with_gradient]
+    if overwritten:
       raise ValueError(
-        f"{name}={bad!r} cannot be ported: the optimizer state carries no"
-        " model-weight EMA or gradient accumulators (build the Keras optimizer"
-        " without it)"
+        f"the optimizer's variables at positions {overwritten} have overwrite_with_gradient=True:"
+        " Keras replaces them by their gradient instead of taking an RMSprop step, which"
+        " cannot be ported"
       )
-  return keras
+    return list(variables)
 
+  def slots(self) -> dict[str, list[Any]]:
+    """Each field's variables, in the order of the variables the optimizer was built with.
 
-def _keras_slots(optimizer: Any) -> dict[str, list[Any]]:
-  """The optimizer's per-parameter variables by kind, in parameter order."""
-  out = {}
-  for field, suffix in _KERAS_SLOTS.items():
-    out[field] = [v for v in optimizer.variables if v.name.endswith(suffix)]
-  return out
+    Every variable must be accounted for (the iteration count, the learning
+    rate, one variable of each kind RMSprop keeps per parameter), so that a
+    Keras that keeps more or renames one fails instead of losing it.
+    """
+    opt = self.optimizer
+    n = len(self.built_with) if opt.built else 0
+    found: dict[str, list[Any]] = {field: [] for field in _KERAS_SLOTS}
+    unknown = []
+    for v in opt.variables:
+      field = next((f for f, kind in _KERAS_SLOTS.items() if v.name.endswith(f"_{kind}")), None)
+      if field is not None:
+        found[field].append(v)
+      elif not (v is opt.iterations or v.name == "learning_rate"):
+        unknown.append(v.name)
+    expected = {"nu": n, "trace": n if opt.momentum > 0 else 0, "mu": n if opt.centered else 0}
+    if unknown or any(len(found[f]) != expected[f] for f in found):
+      kept = ", ".join(f"{len(found[f])} '*_{kind}'" for f, kind in _KERAS_SLOTS.items())
+      others = f" and others named {unknown}" if unknown else ""
+      raise self._unsupported(
+        f"the optimizer (momentum={opt.momentum}, centered={opt.centered}) has {kept}"
+        f" variables{others}, not one velocity per parameter with a momentum (if"
+        " momentum > 0) and an average_gradient (if centered)"
+      )
+    return found
 
+  def excluded(self, n: int) -> list[bool]:
+    """Which of the ``n`` parameters ``exclude_from_weight_decay`` exempts from weight decay."""
+    opt = self.optimizer
+    if opt.weight_decay is None:
+      return [False] * n
+    if not opt.built:
+      if self._exclusion_set():
+        raise ValueError(
+          "exclude_from_weight_decay is set but the optimizer is not built, so it is"
+          " not known which parameters it exempts; call optimizer.build(variables) first"
+        )
+      return [False] * n
+    uses = self._private("_use_weight_decay", "whether a variable gets weight decay")
+    return [not uses(v) for v in self.built_with]
 
-def _keras_excluded(optimizer: Any, n: int) -> list[bool]:
-  """Which parameters ``exclude_from_weight_decay`` exempts from weight decay."""
-  configured = bool(getattr(optimizer, "_exclude_from_weight_decay", None)) or (
-    getattr(optimizer, "_exclude_from_weight_decay_pattern", None) is not None
-  )
-  if optimizer.weight_decay is None or not configured:
-    return [False] * n
-  if not optimizer.built:
-    raise ValueError(
-      "exclude_from_weight_decay is set but the optimizer is not built, so it is"
-      " not known which parameters it exempts; call optimizer.build(variables) first"
-    )
-  # Keras has no public accessor for the variables an optimizer was built with.
-  return [not optimizer._use_weight_decay(v) for v in optimizer._trainable_variables]
+  def _exclusion_set(self) -> bool:
+    """Whether ``exclude_from_weight_decay()`` was called on the optimizer.
 
+    Keras has no getter for it and writes it to private attributes: which
+    ones is found by calling the public setter on a fresh optimizer, so that
+    no private name is assumed here.
+    """
+    probe = self.keras.optimizers.RMSprop(name="rmsprop_jax_probe")
+    before = set(vars(probe))
+    probe.exclude_from_weight_decay(var_names=["probe"])
+    written = set(vars(probe)) - before
+    if not written:
+      raise self._unsupported("exclude_from_weight_decay() sets no attribute of a fresh RMSprop")
+    return bool(written & set(vars(self.optimizer)))
 
-def _keras_learning_rate(keras: Any, optimizer: Any, learning_rate: Any, count: int) -> Any:
-  current = float(np.asarray(optimizer.learning_rate))
-  if learning_rate is not None:
-    _check_lr(learning_rate, count, current, "optimizer.learning_rate")
-    return _hashable_lr(learning_rate)
-  schedule = optimizer._learning_rate  # Keras has no public accessor for it
-  if not callable(schedule) or isinstance(schedule, keras.Variable):
-    return current
-  if not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-    raise ValueError(
-      "the Keras learning_rate is a callable; pass learning_rate= (a float or"
-      " an optax schedule of the iteration count)"
-    )
-  if keras.backend.backend() != "jax":
-    raise ValueError(
-      f"the Keras learning_rate is a {type(schedule).__name__}, which JAX can"
-      f" call only on Keras's JAX backend (this is {keras.backend.backend()!r});"
-      " pass learning_rate= an optax schedule of the iteration count, e.g."
-      " optax.exponential_decay(...) for ExponentialDecay"
-    )
+  def learning_rate(self, learning_rate: Any) -> Any:
+    """The preset's learning rate: ``learning_rate`` if given (checked), else Keras's."""
+    opt = self.optimizer
+    if learning_rate is not None:
+      _check_lr(learning_rate, self.count, float(np.asarray(opt.learning_rate)), "optimizer.learning_rate")
+      return _hashable_lr(learning_rate)
+    # The public `learning_rate` is the schedule's value at `iterations`, not the schedule.
+    schedule = self._private("_learning_rate", "the learning-rate schedule itself")
+    if not callable(schedule) or isinstance(schedule, self.keras.Variable):
+      return float(np.asarray(opt.learning_rate))
+    if not isinstance(schedule, self.keras.optimizers.schedules.LearningRateSchedule):
+      raise ValueError(
+        "the Keras learning_rate is a callable; pass learning_rate= (a float or"
+        " an optax schedule of the iteration count)"
+      )
+    backend = self.keras.backend.backend()
+    if backend != "jax":
+      raise ValueError(
+        f"the Keras learning_rate is a {type(schedule).__name__}, which JAX can"
+        f" call only on Keras's JAX backend (this is {backend!r});"
+        " pass learning_rate= an optax schedule of the iteration count, e.g."
+        " optax.exponential_decay(...) for ExponentialDecay"
+      )
 
-  def keras_schedule(count: jax.Array) -> jax.Array:
-    """The Keras schedule itself: on the JAX backend it is a JAX function."""
-    return schedule(count)
+    def keras_schedule(count: jax.Array) -> jax.Array:
+      """The Keras schedule itself: on the JAX backend it is a JAX function."""
+      return schedule(count)
 
-  return keras_schedule
+    return keras_schedule
 
-
-def _keras_groups(optimizer: Any, lr: Any, n: int) -> tuple[list[str], list[_Group]]:
-  """One group, or two when ``exclude_from_weight_decay`` exempts some parameters."""
-  settings = {
-    "rho": optimizer.rho,
-    "momentum": optimizer.momentum,
-    "epsilon": optimizer.epsilon,
-    "centered": optimizer.centered,
-    "clipnorm": optimizer.clipnorm,
-    "clipvalue": optimizer.clipvalue,
-    "global_clipnorm": optimizer.global_clipnorm,
-  }
-  excluded = _keras_excluded(optimizer, n)
-  if any(excluded) and optimizer.global_clipnorm is not None:
-    raise ValueError(
-      "global_clipnorm with exclude_from_weight_decay cannot be ported: one"
-      " global clip would be split between the two groups"
-    )
-  by_label = {
-    "weight_decay": [i for i, e in enumerate(excluded) if not e],
-    "no_weight_decay": [i for i, e in enumerate(excluded) if e],
-  }
-  wd = {"weight_decay": optimizer.weight_decay, "no_weight_decay": None}
-  labels = [k for k, positions in by_label.items() if positions] or ["weight_decay"]
-  return labels, [_Group(tuple({**settings, "weight_decay": wd[k]}.items()), lr, by_label[k]) for k in labels]
+  def groups(self, lr: Any, n: int) -> tuple[list[str], list[_Group]]:
+    """One group, or two when ``exclude_from_weight_decay`` exempts some parameters."""
+    opt = self.optimizer
+    settings = {
+      "rho": opt.rho,
+      "momentum": opt.momentum,
+      "epsilon": opt.epsilon,
+      "centered": opt.centered,
+      "clipnorm": opt.clipnorm,
+      "clipvalue": opt.clipvalue,
+      "global_clipnorm": opt.global_clipnorm,
+    }
+    excluded = self.excluded(n)
+    if any(excluded) and opt.global_clipnorm is not None:
+      raise ValueError(
+        "global_clipnorm with exclude_from_weight_decay cannot be ported: one"
+        " global clip would be split between the two groups"
+      )
+    by_label = {
+      "weight_decay": [i for i, e in enumerate(excluded) if not e],
+      "no_weight_decay": [i for i, e in enumerate(excluded) if e],
+    }
+    wd = {"weight_decay": opt.weight_decay, "no_weight_decay": None}
+    labels = [k for k, positions in by_label.items() if positions] or ["weight_decay"]
+    return labels, [
+      _Group(tuple({**settings, "weight_decay": wd[k]}.items()), lr, by_label[k]) for k in labels
+    ]
 
 
 def _keras_values(found: dict[str, list[Any]], field: str, n: int) -> list[np.ndarray | None]:
@@ -772,6 +860,9 @@ def from_keras(
 
   Raises:
     TypeError: ``optimizer`` is not a Keras RMSprop.
+    RuntimeError: a Keras release that keeps the optimizer's state or
+      settings where this module does not read them (naming the attribute
+      or variables and the Keras version).
     ValueError: a count or shape mismatch (naming the position and both
       shapes), ``use_ema`` or ``gradient_accumulation_steps``, a callable
       learning rate, or a ``learning_rate`` that does not continue the run.
@@ -793,17 +884,16 @@ def from_keras(
     https://keras.io/api/optimizers/rmsprop/
   """
   storage = presets._storage(storage)
-  keras = _keras_optimizer(optimizer)
+  keras = _Keras(optimizer)
   leaves, paths, treedef = _leaves_and_paths(params)
-  found = _keras_slots(optimizer)
+  lr = keras.learning_rate(learning_rate)
+  found = keras.slots()
   if optimizer.built:
-    _check_positions("Keras optimizer", [tuple(v.shape) for v in found["nu"]], leaves, paths)
-  count = int(np.asarray(optimizer.iterations))
-  lr = _keras_learning_rate(keras, optimizer, learning_rate, count)
-  labels, groups = _keras_groups(optimizer, lr, len(leaves))
+    _check_positions("Keras optimizer", [tuple(v.shape) for v in keras.built_with], leaves, paths)
+  labels, groups = keras.groups(lr, len(leaves))
   opt = _build(lambda g: _keras_preset(g, storage=storage), groups, labels, treedef)
   slots = [_Slots(*s) for s in zip(*(_keras_values(found, f, len(leaves)) for f in _Slots._fields))]
-  return opt, _init_state(opt, leaves, treedef, slots, count)
+  return opt, _init_state(opt, leaves, treedef, slots, keras.count)
 
 
 def to_keras(opt: optax.GradientTransformation, state: optax.OptState, optimizer: Any) -> None:
@@ -826,6 +916,9 @@ def to_keras(opt: optax.GradientTransformation, state: optax.OptState, optimizer
 
   Raises:
     TypeError: ``optimizer`` is not a Keras RMSprop.
+    RuntimeError: a Keras release that keeps the optimizer's state or
+      settings where this module does not read them (naming the attribute
+      or variables and the Keras version).
     ValueError: the optimizer is not built, a count or shape mismatch, a
       buffer on one side only, or several different counts.
 
@@ -844,12 +937,12 @@ def to_keras(opt: optax.GradientTransformation, state: optax.OptState, optimizer
     >>> int(kopt.iterations), np.asarray(kopt.variables[2].value)
     (1, array([0.1, 0.4], dtype=float32))
   """
-  _keras_optimizer(optimizer)
+  keras = _Keras(optimizer)
   if not optimizer.built:
     raise ValueError("optimizer must be built (optimizer.build(variables)) before its state is loaded")
   ours = _read(opt, state)
-  found = _keras_slots(optimizer)
-  _check_positions("Keras optimizer", [tuple(v.shape) for v in found["nu"]], [s.nu for s in ours.slots])
+  found = keras.slots()
+  _check_positions("Keras optimizer", [tuple(v.shape) for v in keras.built_with], [s.nu for s in ours.slots])
   if len(set(ours.counts)) > 1:
     raise ValueError(
       f"Keras keeps one iteration count, but the state has several: {sorted(set(ours.counts))}"

@@ -6,10 +6,12 @@ gradients: the framework's own gradients fed to both (differences come from
 the optimizers' arithmetic alone; rtol 1e-6), or each side computing its own
 (torch's autograd or Keras's ops against jax.grad; rtol 1e-5). Tolerances are
 relative to each leaf's scale (max |p|): single entries pass through zero,
-where an elementwise relative error means nothing.
+where an elementwise relative error means nothing. The Keras tests run on the
+latest Keras and on its floor, 3.5.0 (.ci/minimum-versions.txt).
 """
 
 import io
+import re
 import subprocess
 import sys
 
@@ -420,13 +422,15 @@ keras_grad = jax.jit(jax.grad(keras_loss, argnums=(0, 1)))
 class KerasRun:
   """The real Keras 3 RMSprop (JAX backend) on P0, gradients from keras.ops."""
 
-  def __init__(self, kwargs, params=None, exclude=None):
+  def __init__(self, kwargs, params=None, exclude=None, exclude_variables=(), build=True):
     src = P0 if params is None else params
     self.vars = [keras.Variable(np.array(src[k]), name=k) for k in NAMES]
     self.opt = keras.optimizers.RMSprop(**kwargs)
-    if exclude:
-      self.opt.exclude_from_weight_decay(var_names=exclude)
-    self.opt.build(self.vars)
+    if exclude or exclude_variables:
+      var_list = [self.vars[NAMES.index(k)] for k in exclude_variables]
+      self.opt.exclude_from_weight_decay(var_list=var_list, var_names=exclude)
+    if build:
+      self.opt.build(self.vars)
 
   def step(self, t):
     g = keras_grad(self.vars[0].value, self.vars[1].value, X[t], Y[t], 1.0)
@@ -451,8 +455,8 @@ KERAS_CASES = {
 }
 
 
-def keras_then_jax(kwargs, gradients, learning_rate=None, exclude=None):
-  theirs = KerasRun(kwargs, exclude=exclude)
+def keras_then_jax(kwargs, gradients, learning_rate=None, **exclude):
+  theirs = KerasRun(kwargs, **exclude)
   for t in range(K):
     theirs.step(t)
   opt, state = interop.from_keras(theirs.opt, theirs.params, learning_rate=learning_rate)
@@ -480,9 +484,13 @@ def test_a_keras_learning_rate_schedule_continues(passed_on, gradients):
   keras_then_jax(dict(learning_rate=sched, momentum=0.9, weight_decay=0.1), gradients, learning_rate=ours)
 
 
+EXCLUDE = {"by name": dict(exclude=["b"]), "by variable": dict(exclude_variables=["b"])}
+
+
 @pytest.mark.parametrize("gradients", GRADIENTS, ids=GRADIENTS)
-def test_keras_exclude_from_weight_decay_becomes_a_multi_transform(gradients):
-  state = keras_then_jax(dict(learning_rate=0.01, weight_decay=0.2), gradients, exclude=["b"])
+@pytest.mark.parametrize("exclude", EXCLUDE.values(), ids=EXCLUDE)
+def test_keras_exclude_from_weight_decay_becomes_a_multi_transform(exclude, gradients):
+  state = keras_then_jax(dict(learning_rate=0.01, weight_decay=0.2), gradients, **exclude)
   assert set(state.inner_states) == {"weight_decay", "no_weight_decay"}
 
 
@@ -539,9 +547,62 @@ def test_a_keras_run_goes_to_jax_in_8_bits_and_back():
 
 
 def test_an_unbuilt_keras_optimizer_starts_from_zero():
-  opt, state = interop.from_keras(keras.optimizers.RMSprop(momentum=0.9), P0)
+  theirs = KerasRun(dict(learning_rate=0.01, momentum=0.9, weight_decay=0.1), build=False)
+  opt, state = interop.from_keras(theirs.opt, P0)
   assert int(state.count) == 0
   jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0), (state.nu, state.trace))
+  continue_both(theirs, JaxRun(opt, state, P0), shared=True, rtol=1e-6, start=0, steps=10)
+
+
+def without(monkeypatch, obj, name):
+  """``obj`` as a Keras release without the attribute ``name`` would make it."""
+  owner = obj if name in vars(obj) else next(c for c in type(obj).__mro__ if name in vars(c))
+  monkeypatch.delattr(owner, name)
+
+
+@pytest.mark.parametrize("name", ["_learning_rate", "_trainable_variables", "_use_weight_decay"])
+def test_a_keras_without_a_private_attribute_the_port_reads_fails_naming_it(name, monkeypatch):
+  sched = keras.optimizers.schedules.ExponentialDecay(**KERAS_DECAY)
+  theirs = KerasRun(dict(learning_rate=sched, weight_decay=0.1), exclude=["b"])
+  theirs.step(0)
+  without(monkeypatch, theirs.opt, name)
+  with pytest.raises(
+    RuntimeError, match=rf"has no attribute '{name}' .* in Keras {re.escape(keras.__version__)}"
+  ):
+    interop.from_keras(theirs.opt, theirs.params)
+
+
+def test_keras_variables_the_port_does_not_know_are_refused(monkeypatch):
+  theirs = KerasRun(dict(learning_rate=0.01))
+  theirs.step(0)
+  # A momentum the optimizer keeps no buffer for: its buffer is missing, not zero.
+  monkeypatch.setattr(theirs.opt, "momentum", 0.9)
+  with pytest.raises(RuntimeError, match=r"has 2 '\*_velocity', 0 '\*_momentum', 0 '\*_average_gradient'"):
+    interop.from_keras(theirs.opt, theirs.params)
+  monkeypatch.undo()
+  # A variable of a kind the port does not know (a renamed slot, an addition).
+  theirs.opt.add_variable((2,), name="b_rms")
+  with pytest.raises(RuntimeError, match=r"and others named \['b_rms'\], not one velocity per parameter"):
+    interop.from_keras(theirs.opt, theirs.params)
+  with pytest.raises(RuntimeError, match=r"others named \['b_rms'\]"):
+    interop.to_keras(*interop.from_keras(KerasRun(dict(learning_rate=0.01)).opt, P0), theirs.opt)
+
+
+def test_keras_variables_overwritten_with_their_gradient_are_refused():
+  theirs = KerasRun(dict(learning_rate=0.01), build=False)
+  theirs.vars[1].overwrite_with_gradient = True  # e.g. a float8 layer's scales
+  theirs.opt.build(theirs.vars)
+  with pytest.raises(ValueError, match=r"positions \[1\] have overwrite_with_gradient=True"):
+    interop.from_keras(theirs.opt, theirs.params)
+
+
+def test_an_exclude_from_weight_decay_that_leaves_no_trace_fails(monkeypatch):
+  """An unbuilt optimizer: whether exclude_from_weight_decay() was called is
+  read from what it writes; a Keras where it writes nothing cannot be read."""
+  base = next(c for c in type(keras.optimizers.RMSprop()).__mro__ if "exclude_from_weight_decay" in vars(c))
+  monkeypatch.setattr(base, "exclude_from_weight_decay", lambda self, var_list=None, var_names=None: None)
+  with pytest.raises(RuntimeError, match="exclude_from_weight_decay.. sets no attribute"):
+    interop.from_keras(keras.optimizers.RMSprop(weight_decay=0.1), P0)
 
 
 def test_keras_errors_name_what_is_wrong():

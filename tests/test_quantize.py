@@ -22,23 +22,28 @@ MAPS = ["float_e5", "float_e4", "float_e3", "dynamic", "sqrt", "linear"]
 # ---------------------------------------------------------------- references
 
 
-def ref_mix(x):
+def lowbias32_inverse(x):
+  """The inverse of Wellons' lowbias32, as published with it.
+
+  C. Wellons, "Prospecting for Hash Functions" (nullprogram.com, 2018-07-31)
+  and github.com/skeeto/hash-prospector: lowbias32 is x ^= x >> 16;
+  x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16, and its
+  inverse, below, undoes each step in reverse order (0x43021123 and
+  0x1d69e2a5 are the published multipliers' inverses mod 2**32). The package
+  computes the forward hash only: these numbers are not in it.
+  """
   x = np.asarray(x, np.uint64) & M32
   x ^= x >> 16
-  x = (x * 0x7FEB352D) & M32
-  x ^= x >> 15
-  x = (x * 0x846CA68B) & M32
+  x = (x * 0x43021123) & M32
+  x ^= (x >> 15) ^ (x >> 30)
+  x = (x * 0x1D69E2A5) & M32
   x ^= x >> 16
   return x
 
 
-def ref_bits(seed, count, leaf, shape):
-  """The documented hash, element by element in NumPy (uint64 arithmetic)."""
-  k = ref_mix((seed + 0x9E3779B9) & M32)
-  k = ref_mix(k ^ count)
-  k = ref_mix((k + 0x85EBCA6B * (leaf + 1)) & M32)
-  idx = np.arange(math.prod(shape), dtype=np.uint64).reshape(shape)
-  return ref_mix(idx ^ k).astype(np.uint32)
+def stream_key(seed, count, leaf):
+  """The key k of random_bits' stream (bits[i] = lowbias32(i ^ k)): element 0 inverted."""
+  return int(lowbias32_inverse(np.asarray(qz.random_bits(seed, count, leaf, (1,)))[0]))
 
 
 def ref_grid(code, signed):
@@ -95,14 +100,50 @@ def ref_blocks(shape):
 # ---------------------------------------------------------------- random bits
 
 
-def test_random_bits_match_the_documented_hash():
-  for seed, count, leaf, shape in [
-    (0, 0, 0, (7,)),
-    (5, 123, 3, (4, 33, 2)),
-    (2**32 - 1, 2**31 - 1, 9, (3, 5)),
-  ]:
-    got = qz.random_bits(seed, jnp.int32(count) if count < 2**31 else count, leaf, shape)
-    np.testing.assert_array_equal(np.asarray(got), ref_bits(seed, count, leaf, shape))
+def test_the_published_inverse_inverts_the_published_multipliers():
+  # The reference's own check: its multipliers are the inverses of lowbias32's.
+  assert (0x7FEB352D * 0x1D69E2A5) % 2**32 == 1 and (0x846CA68B * 0x43021123) % 2**32 == 1
+
+
+@pytest.mark.parametrize(
+  "seed, count, leaf, shape",
+  [(0, 0, 0, (7,)), (5, 123, 3, (4, 33, 2)), (2**32 - 1, 2**31 - 1, 9, (3, 5)), (1, 2, 0, (1 << 16,))],
+  ids=str,
+)
+def test_each_element_is_lowbias32_of_its_row_major_index_xor_one_key(seed, count, leaf, shape):
+  """The documented bits[i] = h(i ^ k) with h Wellons' lowbias32: inverting h
+  with its published inverse leaves i ^ k, the same k for every element. A
+  wrong multiplier or shift in h leaves no common k."""
+  bits = np.asarray(qz.random_bits(seed, jnp.int32(count), leaf, shape)).ravel()
+  keys = lowbias32_inverse(bits) ^ np.arange(bits.size, dtype=np.uint64)
+  np.testing.assert_array_equal(keys, keys[0])
+  assert keys[0] == stream_key(seed, count, leaf)
+  assert len(np.unique(bits)) == bits.size  # a bijection of distinct inputs
+
+
+def test_every_seed_count_and_leaf_has_its_own_stream():
+  """The keys of a grid of seeds, counts and leaves (extremes included) are
+  all distinct: two streams never coincide element by element."""
+  seeds = [0, 1, 2, 3, 2**31, 2**32 - 1]
+  counts = [0, 1, 2, 3, 1000, 2**31 - 1]
+  keys = {(s, c, leaf): stream_key(s, c, leaf) for s in seeds for c in counts for leaf in range(6)}
+  assert len(set(keys.values())) == len(keys)
+
+
+def test_one_input_bit_flipped_flips_each_output_bit_with_probability_one_half():
+  """Avalanche (the property lowbias32 was searched for): elements i and
+  i ^ 2**j hash inputs one bit apart; each of the 32 output bits differs in
+  a Binomial(n/2, 1/2) number of the n/2 pairs, within 5 standard deviations
+  for each of the 16 x 32 (input bit, output bit) pairs."""
+  n = 1 << 16
+  bits = np.asarray(qz.random_bits(11, 5, 2, (n,)))
+  i = np.arange(n)
+  sd = 0.5 / math.sqrt(n / 2)
+  for j in range(16):
+    low = i[((i >> j) & 1) == 0]
+    flips = bits[low] ^ bits[low | (1 << j)]
+    p = ((flips[:, None] >> np.arange(32, dtype=np.uint32)) & 1).mean(0)
+    assert np.all(np.abs(p - 0.5) < 5 * sd), (j, np.abs(p - 0.5).max() / sd)
 
 
 def test_random_bits_eager_jit_and_vmap_agree():
@@ -118,11 +159,16 @@ def test_random_bits_eager_jit_and_vmap_agree():
   np.testing.assert_array_equal(eager[1::4], np.asarray(vmapped_seed_only))
 
 
-def test_random_bits_differ_by_seed_count_and_leaf():
-  base = np.asarray(qz.random_bits(0, 0, 0, (4096,)))
-  for other in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
-    b = np.asarray(qz.random_bits(*other, (4096,)))
-    assert np.mean(b == base) < 0.01
+def test_random_bits_of_neighbouring_seeds_counts_and_leaves_are_independent():
+  """Independent uniform streams: an element equal in two of them has
+  probability 2**-32 (n * 2**-32 = 1.5e-5 expected equal elements here), and
+  their correlation is within 5 / sqrt(n) of zero."""
+  n = 1 << 16
+  base = np.asarray(qz.random_bits(0, 0, 0, (n,)))
+  for other in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)]:
+    b = np.asarray(qz.random_bits(*other, (n,)))
+    assert not np.any(b == base), other
+    assert abs(np.corrcoef(base / 2.0**32, b / 2.0**32)[0, 1]) < 5 / math.sqrt(n), other
 
 
 def test_random_bits_are_uniform_and_uncorrelated():
@@ -238,6 +284,7 @@ def test_stochastic_rounding_of_wide_random_values_is_unbiased(dtype):
   p = np.where(ok, (x - lo) / np.where(ok, hi - lo, 1), 0)
   sd = np.abs(hi - lo) * np.sqrt(p * (1 - p) / steps)
   z = np.where(sd > 0, (r.mean(0) - x) / np.where(sd > 0, sd, 1), 0)
+  # 2048 z-scores, each beyond 5.5 with probability 3.8e-8: any one beyond, 8e-5.
   assert np.all(np.abs(z) < 5.5), np.abs(z).max()
   # Elements within 2**-56 of zero may only round to 0 (float16 keeps P > 2**-32).
   exact = sd == 0
@@ -326,10 +373,19 @@ def test_bf16_stochastic_nu_within_1pct_of_float32(decay, gradients):
 
 
 def test_bf16_nearest_nu_is_far_off_at_decay_0999():
-  """The failure the issue reports: -76% with a constant 1e-3 gradient."""
+  """The failure the issue reports: -76% with a constant 1e-3 gradient.
+
+  Rounded to nearest, the EMA stops once a step's increment (1 - d)(g**2 - nu)
+  is under half an ulp of nu, which is at least 2**-9 nu (bfloat16 keeps 8
+  significant bits): at the latest when nu > g**2 / (1 + 2**-9 / (1 - d)), so
+  the bias is at most 1.008 / (1 + 2**-9 / (1 - d)) - 1 (one last step of at
+  most an ulp): -0.66 for d = 0.999, -0.16 for d = 0.99. The float32 EMA
+  after 10 / (1 - d) steps is within e**-10 of g**2.
+  """
   bias = float(_ema_bias(0.999, _steps(0.999), mode="bf16_nearest", gradients="constant"))
-  assert bias < -0.5, bias
-  assert float(_ema_bias(0.99, _steps(0.99), mode="bf16_nearest", gradients="constant")) < -0.1
+  assert bias < 1.008 / (1 + 2**-9 / (1 - 0.999)) - 1, bias
+  bias = float(_ema_bias(0.99, _steps(0.99), mode="bf16_nearest", gradients="constant"))
+  assert bias < 1.008 / (1 + 2**-9 / (1 - 0.99)) - 1, bias
 
 
 @pytest.mark.parametrize("mode", ["q8_exact", "q8_bound", "q8_update"])
@@ -518,16 +574,27 @@ def test_quantize_with_a_given_scale_bound():
     qz.quantize(x, signed=True, scale=jnp.ones(2))
 
 
-def test_state_bytes_of_the_big_tree():
-  """8-bit codes plus scales: about 0.26 of the float32 bytes on the bench tree."""
+def test_8bit_state_bytes_of_the_big_tree():
+  """The 8-bit state the optimizer builds for the bench tree: per moment, each
+  leaf of at least MIN_QUANTIZE_SIZE elements one byte per element plus one
+  float32 per block of the documented layout, smaller leaves float32. That is
+  (1 + 4/256) / 4 = 0.254 of float32's bytes for whole blocks, within the
+  0.27 the 8-bit state was built to (benchmarks/quant_codes.md)."""
+  import rmsprop_jax
   from rmsprop_jax.bench import conv_net_shapes
 
-  f32 = q8 = 0
-  for s in conv_net_shapes():
+  shapes = conv_net_shapes()
+  opt = rmsprop_jax.rmsprop(1e-3, state_bits=8, momentum=0.9, centered=True)
+  state = jax.eval_shape(opt.init, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+  moments = (state.nu, state.mu, state.trace)
+  got = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(moments))
+  f32 = want = 0
+  for s in shapes:
     n = math.prod(s)
-    f32 += 4 * n
-    q8 += n + 4 * math.prod(qz.scale_shape(s)) if n >= qz.MIN_QUANTIZE_SIZE else 4 * n
-  assert q8 / f32 <= 0.27
+    f32 += 3 * 4 * n
+    want += 3 * (n + 4 * math.prod(ref_blocks(s)[1]) if n >= qz.MIN_QUANTIZE_SIZE else 4 * n)
+  assert got == want
+  assert got / f32 <= 0.27
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
@@ -558,7 +625,10 @@ def test_ema_update_is_the_quantized_ema_with_the_bound_scale(shape, signed):
   tol = 1e-6 * np.abs(exact) + 1e-30
   assert np.all((got >= lo - tol) & (got <= hi + tol))
   closer = np.where(exact - lo <= hi - exact, lo, hi)
-  assert np.mean(np.isclose(got, closer, rtol=1e-6, atol=0)) > 0.99  # ties and float32 rounding aside
+  # Nearest: the closer code, wherever float32 rounding (tol) cannot turn a near-tie.
+  decided = np.abs((exact - lo) - (hi - exact)) > 2 * tol
+  assert decided.mean() > 0.5  # near-ties are rare: the check covers most elements
+  np.testing.assert_allclose(got[decided], closer[decided], rtol=1e-6, atol=0)
   draws = jax.jit(
     jax.vmap(
       lambda c: qz.dequantize(qz.ema_update(q, jnp.asarray(x), decay, bits=qz.random_bits(0, c, 0, shape)))
@@ -577,14 +647,37 @@ def test_ema_update_checks_its_arguments():
     qz.ema_update(qz.QuantizedArray(jnp.ones(300), q.scale), jnp.ones(300), 0.9)
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 64, 256), (512, 1000), (100000,)], ids=str)
-def test_fused_8bit_step_moves_23_bytes_per_param(shape):
-  """The update recipe of the module docstring compiles to three passes and
-  no copies: block max of g (4 B), quantize (codes + g in, codes out: 6 B),
-  parameter update (codes, g, p in, p out: 13 B), by XLA's cost analysis.
-  If XLA recomputed the quantization in the update, or copied the codes, or
-  materialized the float32 nu, this would be 25-31 B."""
+# Shapes whose block counts are not proportional to their sizes (whole blocks,
+# a partial block per row, a flat array), so that a step's bytes split into a
+# part per parameter, a part per block and a part per call.
+BYTE_SHAPES = [(64, 256), (64, 300), (1000, 257), (100000,), (3, 3, 64, 256)]
+
+
+def bytes_per_param_block_and_call(compiled_for):
+  """XLA's bytes accessed of ``compiled_for(shape)`` as a n + b blocks + c,
+  fitted over BYTE_SHAPES (exactly: a step's passes each touch whole arrays)."""
   from rmsprop_jax.bench import xla_bytes_accessed
+
+  rows = [(math.prod(s), math.prod(qz.scale_shape(s)), 1) for s in BYTE_SHAPES]
+  got = np.array([xla_bytes_accessed(compiled_for(s)) for s in BYTE_SHAPES])
+  abc = np.linalg.lstsq(np.array(rows, np.float64), got, rcond=None)[0]
+  np.testing.assert_allclose(np.array(rows) @ abc, got, rtol=0, atol=0.5)  # linear: the fit is exact
+  return abc
+
+
+def assert_three_passes(compiled_for):
+  """23 bytes per parameter: block max of g (g in: 4 B), quantize (codes and g
+  in, codes out: 6 B), parameter update (codes, g and p in, p out: 13 B). A
+  copy of the codes would add 2 B, recomputing the quantization in the update
+  5 B, a materialized float32 nu 8 B. The scales are per block of 256: their
+  traffic stays under a byte per parameter (256 B per block)."""
+  per_param, per_block, _ = bytes_per_param_block_and_call(compiled_for)
+  assert round(per_param, 6) == 23, per_param
+  assert per_block < 256, per_block
+
+
+def test_fused_8bit_step_moves_23_bytes_per_param():
+  """The update recipe of the module docstring compiles to three passes and no copies."""
 
   def step(p, q, g, count, decay=0.9):
     g2 = g * g
@@ -592,20 +685,19 @@ def test_fused_8bit_step_moves_23_bytes_per_param(shape):
     u = g * jax.lax.rsqrt(jnp.maximum(qz.dequantize(q), (1 - decay) * g2) + 1e-8)
     return p - 1e-3 * u, q
 
-  p, g = jnp.ones(shape), jnp.ones(shape)
-  q = qz.quantize(jnp.zeros(shape), signed=False)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, q, g, jnp.int32(0)).compile()
-  per_param = xla_bytes_accessed(compiled) / math.prod(shape)
-  assert per_param < 23.5, per_param
+  def compiled_for(shape):
+    p = jnp.ones(shape)
+    q = qz.quantize(jnp.zeros(shape), signed=False)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(p, q, p, jnp.int32(0)).compile()
+
+  assert_three_passes(compiled_for)
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 64, 256), (512, 1000), (100000,)], ids=str)
-def test_rmsprop_8bit_step_moves_23_bytes_per_param(shape):
+def test_rmsprop_8bit_step_moves_23_bytes_per_param():
   """The same three passes in the core's compiled step (update + apply)."""
   import optax
 
   import rmsprop_jax
-  from rmsprop_jax.bench import xla_bytes_accessed
 
   opt = rmsprop_jax.rmsprop(1e-3, state_bits=8)
 
@@ -613,7 +705,8 @@ def test_rmsprop_8bit_step_moves_23_bytes_per_param(shape):
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  p = jnp.ones(shape)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, opt.init(p), p).compile()
-  per_param = xla_bytes_accessed(compiled) / math.prod(shape)
-  assert per_param < 23.5, per_param
+  def compiled_for(shape):
+    p = jnp.ones(shape)
+    return jax.jit(step, donate_argnums=(0, 1)).lower(p, opt.init(p), p).compile()
+
+  assert_three_passes(compiled_for)
