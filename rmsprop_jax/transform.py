@@ -262,7 +262,6 @@ class _Store(NamedTuple):
   dtype: Any  # storage dtype of a plain array (unused when quantized)
   quantized: bool  # 8-bit codes and block scales
   signed: bool  # signed codes (first moments) or not (nu)
-  stream: int  # index of the random-bit stream: 3 * leaf + moment
   narrow: bool  # stored narrower than computed: the stored value is a rounding
 
 
@@ -276,7 +275,7 @@ def _quantizable(shape: tuple[int, ...], dtype: Any, cfg: Config) -> bool:
   )
 
 
-def _store_for(moment: str, p_shape: tuple[int, ...], p_dtype: Any, leaf: int, cfg: Config) -> _Store:
+def _store_for(moment: str, p_shape: tuple[int, ...], p_dtype: Any, cfg: Config) -> _Store:
   real = _real_dtype(p_dtype)
   dtype = jnp.dtype((cfg.nu_dtype or real) if moment == "nu" else p_dtype)
   quantized = _quantizable(p_shape, p_dtype, cfg)
@@ -284,7 +283,7 @@ def _store_for(moment: str, p_shape: tuple[int, ...], p_dtype: Any, leaf: int, c
   narrow = quantized or (
     not jnp.issubdtype(dtype, jnp.complexfloating) and jnp.finfo(dtype).bits < jnp.finfo(compute).bits
   )
-  return _Store(dtype, quantized, moment != "nu", 3 * leaf + _STREAMS[moment], narrow)
+  return _Store(dtype, quantized, moment != "nu", narrow)
 
 
 def load(x: Any, dtype: Any) -> jax.Array:
@@ -448,8 +447,8 @@ class _Leaf(NamedTuple):
   trace: Any
 
 
-def _leaf_plan(shape: tuple[int, ...], dtype: Any, leaf: int, cfg: Config) -> _Plan:
-  store = functools.partial(_store_for, p_shape=shape, p_dtype=dtype, leaf=leaf, cfg=cfg)
+def _leaf_plan(shape: tuple[int, ...], dtype: Any, cfg: Config) -> _Plan:
+  store = functools.partial(_store_for, p_shape=shape, p_dtype=dtype, cfg=cfg)
   return _Plan(
     store("nu"),
     store("mu") if cfg.centered else None,
@@ -472,10 +471,19 @@ def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[dict], tup
   if not (plan.narrow or cfg.nesterov or cfg.weight_decay == "coupled"):
     return lambda known: (ins, known)
   tags = iter(range(1 << 30))
-  return lambda known: lax.optimization_barrier((ins, known, np.uint32(next(tags))))[:2]
+
+  def fresh(known: dict) -> tuple[_Ins, dict]:
+    # The tag tells the barriers apart. XLA drops a barrier's unused operands, so the
+    # consumer uses it: g * (1 + min(tag, 0)), a multiplication by 1 that XLA cannot
+    # see through until the barrier is gone (then it folds it away).
+    ins_b, known_b, tag = lax.optimization_barrier((ins, known, np.int32(next(tags))))
+    one = lax.convert_element_type(lax.add(np.int32(1), lax.min(tag, np.int32(0))), ins.g.dtype)
+    return ins_b._replace(g=lax.mul(ins_b.g, one)), known_b
+
+  return fresh
 
 
-def _leaf_update(ins: _Ins, keys: dict, plan: _Plan, consts: Callable[[Any], _Consts], cfg: Config) -> _Leaf:
+def _leaf_update(ins: _Ins, keys: dict, scalars: StepScalars, plan: _Plan, cfg: Config) -> _Leaf:
   """One leaf of the update, from stored moments to stored moments.
 
   The step is float32 RMSProp's from the decoded state (it divides by the
@@ -486,6 +494,7 @@ def _leaf_update(ins: _Ins, keys: dict, plan: _Plan, consts: Callable[[Any], _Co
   """
   out_dtype = ins.g.dtype
   cdt = _compute_dtype(out_dtype)
+  consts = _consts_factory(scalars)
   c, r = consts(cdt), consts(_real_dtype(cdt))
   fresh = _private_copies(ins, cfg, plan)
   step = lambda known: _Step(*fresh(known), c, r, cfg, plan)
@@ -503,7 +512,7 @@ def _leaf_update(ins: _Ins, keys: dict, plan: _Plan, consts: Callable[[Any], _Co
     st = getattr(plan, m)
     if st is None or not st.narrow:
       continue
-    key = keys.get(st.stream)
+    key = keys.get(m)
     old = getattr(ins, m)
     if not st.quantized:
       stored[m] = _round(getattr(step(known), m), st, key)
@@ -599,13 +608,19 @@ def _update_tree(
   ps = [None] * treedef.num_leaves if params is None else treedef.flatten_up_to(params)
   mus = _leaves_or_none(treedef, state.mu, "state.mu")
   traces = _leaves_or_none(treedef, state.trace, "state.trace")
-  consts = _consts_factory(scalars)
-  plans = [_leaf_plan(tuple(g.shape), g.dtype, i, cfg) for i, g in enumerate(g_leaves)]
-  streams = [st.stream for plan in plans for st in plan if st is not None and _stochastic(st, cfg)]
-  keys = dict(zip(streams, quantize.stream_keys(scalars.seed, scalars.count, streams)))
+  plans = [_leaf_plan(tuple(g.shape), g.dtype, cfg) for g in g_leaves]
+  # One stream of random bits per stochastically rounded moment: 3 * leaf + moment.
+  streams = [
+    (i, m) for i, plan in enumerate(plans) for m, st in plan._asdict().items() if st is not None and _stochastic(st, cfg)
+  ]
+  keys = quantize.stream_keys(scalars.seed, scalars.count, [3 * i + _STREAMS[m] for i, m in streams])
+  leaf_keys: list[dict] = [{} for _ in plans]
+  for (i, m), k in zip(streams, keys):
+    leaf_keys[i][m] = k
+  leaf_scalars = scalars._replace(seed=None, count=None)  # the keys carry seed and count
   leaves = [
-    _leaf_update(_Ins(*args), keys, plan, consts, cfg)
-    for args, plan in zip(zip(g_leaves, ps, nus, mus, traces), plans)
+    _leaf_jit(_Ins(*args), k, leaf_scalars, plan=plan, cfg=cfg)
+    for args, k, plan in zip(zip(g_leaves, ps, nus, mus, traces), leaf_keys, plans)
   ]
   unflat = lambda xs: jax.tree.unflatten(treedef, xs)
   new_state = RMSPropState(
@@ -682,7 +697,7 @@ def _init_tree(params: optax.Params, initial_scale: Any, cfg: Config) -> RMSProp
     out = []
     for i, p in enumerate(leaves):
       dtype = jnp.result_type(p)
-      st = _store_for(moment, tuple(p.shape), dtype, i, cfg)
+      st = _store_for(moment, tuple(p.shape), dtype, cfg)
       if st.quantized:  # a constant: its codes and scales are written down, not computed
         out.append(quantize.full(p.shape, value, signed=st.signed, like=p))
       else:
@@ -696,6 +711,11 @@ def _init_tree(params: optax.Params, initial_scale: Any, cfg: Config) -> RMSProp
     trace=init("trace", 0) if cfg.momentum else None,
   )
 
+
+# One leaf's update, traced and lowered once per distinct leaf (shape, dtype,
+# storage): a tree of many same-shaped leaves traces like a tree of one. XLA
+# inlines the calls, so the update still fuses with the caller's code.
+_leaf_jit = jax.jit(_leaf_update, static_argnames=("plan", "cfg"))
 
 # One cached compiled program when called eagerly (also batched under an
 # un-jitted vmap, differentiated under grad); inlined into the caller's
