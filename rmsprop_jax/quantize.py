@@ -34,13 +34,13 @@ In an RMSProp update (per leaf, ``g`` the float32 gradient, ``q`` the stored
 second moment, ``i`` a static index per state leaf)::
 
   g2 = g * g
-  # nu = decay * dequantize(q) + (1 - decay) * g2, stored with the block scale
-  # decay * q.scale + (1 - decay) * block_absmax(g2), an upper bound on the
-  # new nu of a block from the gradient alone: one pass over the codes.
+  # The step divides by the exact new nu, from the stored codes and this gradient:
+  nu = decay * dequantize(q) + (1 - decay) * g2
+  u = g * lax.rsqrt(nu + eps)
+  # Only the stored value is rounded, with the block scale decay * q.scale +
+  # (1 - decay) * block_absmax(g2), an upper bound on the new nu of a block from
+  # the gradient alone: one pass over the codes.
   q = ema_update(q, g2, decay, bits=random_bits(seed, count, i, g.shape))
-  # Divide by the stored value (XLA then reads the new codes once), floored
-  # by (1 - decay) g**2 <= nu, which caps the step at 1 / sqrt(1 - decay):
-  u = g * lax.rsqrt(jnp.maximum(dequantize(q), (1 - decay) * g2) + eps)
 
 ``quantize(nu, signed=False, bits=..., scale=None)`` of the float32 ``nu``
 quantizes with the exact block maximum instead: the same accuracy, one more

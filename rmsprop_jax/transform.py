@@ -619,7 +619,7 @@ def _update_tree(
     leaf_keys[i][m] = k
   leaf_scalars = scalars._replace(seed=None, count=None)  # the keys carry seed and count
   leaves = [
-    _leaf_jit(_Ins(*args), k, leaf_scalars, plan=plan, cfg=cfg)
+    (_leaf_jit if plan.narrow else _leaf_update)(_Ins(*args), k, leaf_scalars, plan=plan, cfg=cfg)
     for args, k, plan in zip(zip(g_leaves, ps, nus, mus, traces), leaf_keys, plans)
   ]
   unflat = lambda xs: jax.tree.unflatten(treedef, xs)
@@ -712,9 +712,11 @@ def _init_tree(params: optax.Params, initial_scale: Any, cfg: Config) -> RMSProp
   )
 
 
-# One leaf's update, traced and lowered once per distinct leaf (shape, dtype,
-# storage): a tree of many same-shaped leaves traces like a tree of one. XLA
-# inlines the calls, so the update still fuses with the caller's code.
+# One leaf's update with low-precision state, traced and lowered once per
+# distinct leaf (shape, dtype, storage): a tree of many same-shaped leaves traces
+# like a tree of one. XLA inlines the calls, so the update still fuses with the
+# caller's code. (Float32 state is traced in line: a handful of operations, and
+# XLA then simplifies it exactly as it does optax's.)
 _leaf_jit = jax.jit(_leaf_update, static_argnames=("plan", "cfg"))
 
 # One cached compiled program when called eagerly (also batched under an
