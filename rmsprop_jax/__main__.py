@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
   bench.add_argument(
     "--quick", action="store_true", help="tiny sizes and 1 repeat (a smoke run, numbers meaningless)"
   )
-  bench.add_argument("--cases", nargs="*", default=None, help="subset of cases to run (default: all)")
+  bench.add_argument(
+    "--cases",
+    nargs="*",
+    default=None,
+    help="subset of cases to run, or groups of them: init, compile, peak, step_8bit (default: all)",
+  )
   bench.add_argument("--json", default=None, help="also write the results to this JSON file")
 
   args = parser.parse_args(argv)

@@ -108,3 +108,96 @@ def test_quick_bench_end_to_end_in_separate_processes(capsys):
   ((optax,), (ours,)) = result["raw"]["cases"]["one_big_leaf"].values()
   assert len(optax["round_s"]) == len(ours["round_s"]) == 2 and "compile_s" in ours
   assert "one_big_leaf" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- model-scale cases
+
+
+def test_case_groups_expand_to_their_cases_and_unknown_names_are_refused():
+  assert bench.expand_cases(["init"]) == ["init_eager", "init_jit", "init_eager_cm", "init_jit_cm"]
+  assert bench.expand_cases(["peak", "peak_bytes"]) == ["peak_bytes", "peak_bytes_momentum", "peak_bytes_cm"]
+  assert len(bench.expand_cases(["step_8bit"])) == len(bench.OPTIONS)
+  assert {bench.case_options(c) for c in bench.CASE_GROUPS["compile"]} == {"plain", "cm"}
+  with pytest.raises(ValueError, match="unknown case 'nope'.*or a group"):
+    bench.expand_cases(["init", "nope"])
+
+
+def test_the_transformer_tree_has_56_leaves_and_99m_params():
+  import math
+
+  shapes = bench.transformer_shapes()
+  assert len(shapes) == len(bench.transformer_shapes(quick=True)) == 56
+  assert sum(math.prod(s) for s in shapes) == 99_128_320
+
+
+@pytest.mark.parametrize("options", sorted(bench.OPTIONS))
+def test_optax_equivalent_computes_our_float32_update(options):
+  """The step-time cases compare like with like: optax with the same options is our float32 step."""
+  import chex
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.ones(3)}
+  ours, theirs = bench._make_opt("ours", options), bench._make_opt("optax", options)
+  s_ours, s_theirs = ours.init(params), theirs.init(params)
+  for t in range(3):
+    g = jax.tree.map(lambda p, t=t: jnp.sin(p * (t + 1)), params)
+    u_ours, s_ours = ours.update(g, s_ours, params)
+    u_theirs, s_theirs = theirs.update(g, s_theirs, params)
+    chex.assert_trees_all_close(u_ours, u_theirs, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+  ("case", "impl"),
+  [("init_eager", "ours_8bit"), ("init_jit_cm", "ours_bf16"), ("compile_200_leaves_cm", "ours_8bit")],
+)
+def test_quick_timed_scale_cases_run_in_process(case, impl):
+  out = bench.run_case(case, impl, quick=True)
+  assert out["time_s"] > 0 and out["n_leaves"] == len(bench._case_shapes(case, quick=True))
+  if case.startswith("init_"):
+    assert out["state_bytes"] > 0 and out["second_call_s"] > 0
+  else:
+    assert out["trace_lower_s"] + out["xla_compile_s"] == pytest.approx(out["time_s"])
+
+
+def test_quick_peak_bytes_case_counts_state_and_allowed_copies():
+  out = bench.run_case("peak_bytes_momentum", "ours_8bit", quick=True)
+  # 64x64 weights quantized (one byte and a scale per 256 per moment), biases float32
+  assert 2 < out["state_bytes_per_param"] < 2.2 and 1.9 < out["narrow_copy_bytes_per_param"] < 2.1
+  for what in ("step", "train"):
+    assert out[what]["peak"] >= out[what]["arguments"] + out[what]["temp"] - 1e-9
+  assert out["train"]["arguments"] > out["state_bytes_per_param"] + 4  # params, state and the batch
+
+
+def test_quick_8bit_step_case_times_optax_with_the_same_options():
+  res = bench.run_paired("step_8bit_nesterov", ("optax", "ours_8bit"), quick=True, rounds=2, iters=2)
+  assert set(res) == {"optax", "ours_8bit"}
+  assert res["ours_8bit"]["state_bytes"] < res["optax"]["state_bytes"] / 3  # nu and trace in 8 bits
+  assert bench.paired_ratio(res["ours_8bit"], res["optax"]) > 0
+
+
+def test_scale_summary_gives_ratios_to_optax_and_the_train_step_target():
+  def runs(case, times):
+    return {impl: [{"case": case, "impl": impl, "time_s": t} for t in ts] for impl, ts in times.items()}
+
+  peak = {
+    "optax": {"state_bytes_per_param": 8.0, "narrow_copy_bytes_per_param": 0.0},
+    "ours_8bit": {"state_bytes_per_param": 2.0, "narrow_copy_bytes_per_param": 2.0},
+  }
+  peak["optax"] |= {"step": {"peak": 16.0, "temp": 0.0}, "train": {"peak": 20.0, "temp": 4.0}}
+  peak["ours_8bit"] |= {"step": {"peak": 11.0, "temp": 1.0}, "train": {"peak": 14.5, "temp": 4.5}}
+  res = {
+    "bandwidth_Bps": 40e9,
+    "cases": {
+      "init_jit": runs("init_jit", {"optax": [1.0, 2.0, 3.0], "ours_8bit": [3.0, 3.0, 3.0]}),
+      "peak_bytes_momentum": {impl: [{"case": "peak_bytes_momentum", **r}] for impl, r in peak.items()},
+    },
+  }
+  rows = {r["case"]: r for r in bench.summarize(res)}
+  assert rows["init_jit"]["ratio_vs_optax"] == {"ours_8bit": 1.5}
+  entry = rows["peak_bytes_momentum"]["peak"]["ours_8bit"]
+  assert entry["train_target"] == 20.0 - (8.0 - 2.0) and entry["train_excess"] == 0.5
+  text = bench.format_table(list(rows.values()), res)
+  assert "3.00 s (1.50x)" in text and "peak_bytes_momentum" in text and "0.50" in text
