@@ -610,6 +610,7 @@ def _update_tree(
   cfg: Config,
 ) -> tuple[optax.Updates, RMSPropState]:
   """The whole update: :func:`_leaf_update` on every leaf, then the state."""
+  _checks.check_float_updates(updates)
   g_leaves, treedef = jax.tree.flatten(updates)
   nus = _stored_leaves("state.nu", state.nu, treedef)
   _check_shapes(updates, "state.nu", nus)
