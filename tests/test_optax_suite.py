@@ -93,6 +93,8 @@ def _report(result: unittest.TestResult) -> str:
   return "\n\n".join(f"{test}\n{trace}" for test, trace in result.failures + result.errors)
 
 
+# sharding_test.py builds optax's other optimizers when loaded, noisy_sgd without a key.
+@pytest.mark.filterwarnings("ignore:Specifying a key:UserWarning")
 @pytest.mark.parametrize("name", list(SUITES))
 def test_optax_suite_passes_with_ours(name, monkeypatch):
   path = _test_file(name)
@@ -120,3 +122,11 @@ def test_optax_suite_passes_with_ours(name, monkeypatch):
   ran = result.testsRun - len(result.skipped)
   assert ran > 0, f"every selected test of {path.name} was skipped: {result.skipped}"
   assert calls[SUITES[name]] > 0, f"{path.name} never called rmsprop_jax.{SUITES[name]}"
+
+
+def test_an_optax_without_the_test_files_fails_rather_than_skips(monkeypatch):
+  monkeypatch.setattr(sys.modules[__name__], "REQUIRED", (*REQUIRED, "no_such_test"))
+  with pytest.raises(
+    pytest.fail.Exception, match=r"has no _src/no_such_test\.py; this test runs optax's own"
+  ):
+    _test_file("no_such_test")
