@@ -15,6 +15,11 @@ NumPy float64, as its source states it, and our float32 optimizer is fed the sam
     avg = sqrt(square_avg [- grad_avg^2] + eps)
     buf = momentum buf + grad / avg;  p -= lr * buf         (no momentum: p -= lr grad / avg)
 
+- Stable-Baselines3 A2C's default optimizer, ``torch.optim.RMSprop(alpha=0.99, eps=1e-5)``::
+
+    square_avg = alpha square_avg + (1 - alpha) grad^2     (square_avg starts at 0)
+    p -= lr * grad / (sqrt(square_avg) + eps)
+
 - TF1 ``tf.compat.v1.train.RMSPropOptimizer(centered=True)`` (``ApplyCenteredRMSProp``)::
 
     ms = ms + (grad^2 - ms)(1 - decay)   (ms starts at 1);  mg = mg + (grad - mg)(1 - decay)
@@ -104,6 +109,20 @@ def sb3_rmsprop_tf_like(lr=7e-4, alpha=0.99, eps=1e-5, momentum=0.0, centered=Fa
   )
 
 
+def sb3_a2c_default(lr=7e-4, alpha=0.99, eps=1e-5):
+  """SB3's A2C with use_rms_prop=True and no optimizer_class: torch's RMSprop."""
+
+  def step(grad, s):
+    s["square_avg"] = alpha * s["square_avg"] + (1 - alpha) * grad**2
+    return -lr * grad / (np.sqrt(s["square_avg"]) + eps)
+
+  return Port(
+    lambda: presets.pytorch(lr=lr, alpha=alpha, eps=eps),
+    step,
+    lambda shape: {"square_avg": np.zeros(shape)},
+  )
+
+
 def tf1_centered(lr=2.5e-4, decay=0.95, momentum=0.0, epsilon=1e-5):
   """TF1 RMSPropOptimizer(centered=True), as Dopamine's and OpenAI Baselines' DQN use it."""
 
@@ -128,6 +147,7 @@ PORTS = {
     lr=lambda t: 1e-2 * (1 - t / STEPS), momentum=0.9
   ),
   "SB3 RMSpropTFLike centered with momentum": sb3_rmsprop_tf_like(momentum=0.5, centered=True),
+  "SB3 A2C's default, torch RMSprop": sb3_a2c_default(),
   "TF1 RMSPropOptimizer centered (Dopamine's DQN)": tf1_centered(),
   "TF1 RMSPropOptimizer centered with momentum": tf1_centered(lr=1e-3, decay=0.9, momentum=0.9),
 }
