@@ -468,6 +468,15 @@ def _leaf_plan(shape: tuple[int, ...], dtype: Any, cfg: Config) -> _Plan:
   )
 
 
+def _zero_from(x: jax.Array) -> jax.Array:
+  """int32 0, computed from ``x``'s first entry (whatever it holds, NaN included)."""
+  x0 = jnp.ravel(x)[0]
+  if jnp.issubdtype(x0.dtype, jnp.floating):
+    x0 = lax.bitcast_convert_type(x0, jnp.dtype(f"int{8 * x0.dtype.itemsize}"))
+  nonnegative = lax.shift_right_logical(lax.convert_element_type(x0, jnp.int32), np.int32(1))
+  return lax.min(nonnegative, np.int32(0))
+
+
 def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[dict], tuple[_Ins, dict]]:
   """``fresh(known)``: the inputs again, for one more consumer that recomputes from them.
 
@@ -487,10 +496,12 @@ def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[dict], tup
   def fresh(known: dict) -> tuple[_Ins, dict]:
     # The tag tells the barriers apart. XLA drops a barrier's unused operands, so the
     # consumer uses it: g * (1 + min(tag, 0)), a multiplication by 1 that XLA cannot
-    # see through until the barrier is gone (then it folds it away).
-    ins_b, known_b, tag = lax.optimization_barrier((ins, known, np.int32(next(tags))))
+    # see through until the barrier is gone (then it folds it away). The params are
+    # read as they are, not through the barrier: the caller's p + u rewrites them in
+    # place, and XLA copies a buffer that a barrier passes on.
+    ins_b, known_b, tag = lax.optimization_barrier((ins._replace(p=None), known, np.int32(next(tags))))
     one = lax.convert_element_type(lax.add(np.int32(1), lax.min(tag, np.int32(0))), ins.g.dtype)
-    return ins_b._replace(g=lax.mul(ins_b.g, one)), known_b
+    return ins_b._replace(g=lax.mul(ins_b.g, one), p=ins.p), known_b
 
   return fresh
 
@@ -541,6 +552,18 @@ def _leaf_update(ins: _Ins, keys: dict, scalars: StepScalars, plan: _Plan, cfg: 
       value = getattr(step(known), m)
       stored[m] = quantize.quantize(value, signed=st.signed, bits=_bits(value, key), scale=scale)
   update = step(known).update
+  if cfg.weight_decay == "coupled":
+    # The loops that rewrite the narrow moments read the params, which the caller's
+    # p + u (fused with the update) rewrites in place: the update comes after those
+    # loops (it uses their outputs, multiplying by 1), so that XLA copies only the old
+    # moments, not the params.
+    after = [
+      stored[m] for m in ("nu", "mu", "trace") if getattr(plan, m) is not None and getattr(plan, m).narrow
+    ]
+    if after:
+      (after,) = lax.optimization_barrier((after,))
+      zero = functools.reduce(lax.add, [_zero_from(x) for x in jax.tree.leaves(after)])
+      update = lax.mul(update, lax.convert_element_type(lax.add(np.int32(1), zero), update.dtype))
   return _Leaf(_cast(update, out_dtype), stored["nu"], stored["mu"], stored["trace"])
 
 
