@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -14,9 +15,12 @@ from rmsprop_jax.transform import (
   Config,
   Hyperparams,
   RMSPropState,
+  as_stored,
   is_centered_variance,
+  is_stored_leaf,
   last_step_size,
   load,
+  recorded_settings,
   settings_of,
 )
 
@@ -44,7 +48,8 @@ def find_state(state: Any) -> RMSPropState:
   is_ours = lambda x: isinstance(x, RMSPropState)
   found = [s for s in jax.tree.leaves(state, is_leaf=is_ours) if is_ours(s)]
   if len(found) != 1:
-    raise ValueError(f"state must contain exactly one RMSPropState, found {len(found)}")
+    hint = "; pass the part of the state that belongs to one of them" if len(found) > 1 else ""
+    raise ValueError(f"state must contain exactly one RMSPropState, found {len(found)}{hint}")
   return found[0]
 
 
@@ -68,16 +73,34 @@ def effective_learning_rate(
   decay; this is the "Effective LR" column of tutorial tables, and the quantity
   whose decay to zero distinguishes AdaGrad from RMSProp.
 
-  Pass the optimizer itself (built by :func:`rmsprop_jax.rmsprop`,
-  :func:`rmsprop_jax.scale_by_rms` or a preset): its learning rate or
+  Pass the optimizer: ours (:func:`rmsprop_jax.rmsprop`,
+  :func:`rmsprop_jax.scale_by_rms`, a preset) or any wrapper around one of
+  ours (``optax.chain``, ``optax.MultiSteps``, ``optax.apply_if_finite``,
+  ``optax.masked``, ``optax.multi_transform``, ``optax.inject_hyperparams``,
+  the transformation given to Flax's ``nnx.Optimizer``). Its learning rate or
   schedule, eps and its placement, bias correction and zero-denominator rule
-  are then the update's own, so the two cannot disagree (with ``state_bits=8``
-  the update also floors the decoded ``nu`` at ``(1 - decay) g**2``, which
-  the state alone cannot know: there, for the ~1% of entries where rounding
-  left ``nu`` below that bound, the last step was smaller than this). For
+  are then the update's own; hyperparameters injected by
+  ``inject_hyperparams`` are read from the state, as the last step used them
+  (or as you changed them since). Ours is found by running ``opt.init``
+  abstractly (``jax.eval_shape``: nothing is allocated). Where that cannot
+  tell (two of ours in one ``multi_transform``; a wrapper whose ``init``
+  needs more than the shapes), it raises a ``TypeError``: then pass our
+  transformation itself, with the whole state.
+
+  Under a chain, "effective" is relative to the gradient our transformation
+  receives (after clipping or any earlier transformation), and excludes what
+  later transformations do to its output. For
   :func:`~rmsprop_jax.scale_by_rms` (no learning rate) it is the scale
-  ``1 / sqrt(nu + eps)``. The older form ``effective_learning_rate(state,
-  learning_rate, eps=1e-8, *, eps_in_sqrt=True)`` still works.
+  ``1 / sqrt(nu + eps)``. It is computed from the stored state: with
+  ``nu_dtype=bfloat16`` or ``state_bits=8`` it differs from the factor of
+  the last step (which divided by the exact float32 ``nu``) by the rounding
+  of the stored ``nu``.
+
+  The older form ``effective_learning_rate(state, learning_rate, eps=1e-8,
+  *, eps_in_sqrt=True)`` still works where it cannot be wrong unnoticed: it
+  warns (``FutureWarning``) when ``eps`` is not given, and raises a
+  ``TypeError`` on a state with hyperparameters injected by
+  ``inject_hyperparams`` (the learning rate passed may not be the one used).
 
   Args:
     state: an :class:`RMSPropState`, or any optimizer state containing one.
@@ -99,21 +122,31 @@ def effective_learning_rate(
     [0.039528]
   """
   st = find_state(state)
-  settings = settings_of(opt)
-  if settings is not None:
+  if hasattr(opt, "init") and hasattr(opt, "update"):
     if eps is not None or eps_in_sqrt is not None:
       raise TypeError(
         "effective_learning_rate(state, opt) takes eps and eps_in_sqrt from opt;"
         " pass them only with a learning rate"
       )
-    cfg, hp = settings
+    cfg, hp = _settings_for(opt, state, st)
     return last_step_size(st, cfg, hp)
-  if isinstance(opt, optax.GradientTransformation):
+  injected = _injected(state, st)
+  if injected is not None:
     raise TypeError(
-      "effective_learning_rate needs an optimizer built by rmsprop_jax (rmsprop,"
-      " scale_by_rms or a preset), or a learning rate; got another transformation"
+      "effective_learning_rate(state, learning_rate): this state holds hyperparameters"
+      f" injected by optax.inject_hyperparams ({', '.join(sorted(injected.hyperparams))}),"
+      " which may differ from the learning rate passed; pass the optimizer instead:"
+      " effective_learning_rate(state, opt)"
     )
   _checks.check_learning_rate("learning_rate", opt)
+  if eps is None:
+    warnings.warn(
+      "effective_learning_rate(state, learning_rate) assumes eps=1e-8 (inside the root unless"
+      " eps_in_sqrt=False) when eps is not given; pass the optimizer,"
+      " effective_learning_rate(state, opt), to use its own",
+      FutureWarning,
+      stacklevel=2,
+    )
   eps = 1e-8 if eps is None else eps
   _checks.check_scalar("eps", eps, 0.0)
   cfg = Config(
@@ -122,6 +155,82 @@ def effective_learning_rate(
     safe_divide=True,
   )
   return last_step_size(st, cfg, Hyperparams(learning_rate=opt, eps=eps))
+
+
+def _is_injected(x: Any) -> bool:
+  """An ``optax.inject_hyperparams`` state (stateful or not)."""
+  return isinstance(x, tuple) and hasattr(x, "hyperparams") and hasattr(x, "inner_state")
+
+
+def _injected(state: Any, st: RMSPropState) -> Any:
+  """The innermost ``inject_hyperparams`` state in ``state`` that holds ``st``."""
+  is_ours = lambda x: isinstance(x, RMSPropState)
+  found = None
+  stack = [state]
+  while stack:
+    node = stack.pop()
+    for x in jax.tree.leaves(node, is_leaf=lambda x: _is_injected(x) or is_ours(x)):
+      if _is_injected(x):
+        inner = jax.tree.leaves(x.inner_state, is_leaf=is_ours)
+        if any(s is st for s in inner):
+          found = x
+          stack.append(x.inner_state)
+  return found
+
+
+def _stand_in_params(st: RMSPropState) -> Any:
+  """A tree of ``jax.ShapeDtypeStruct`` shaped like the params ``st`` was built for."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  is_leaf = lambda x: is_stored_leaf(x) or is_masked(x)
+
+  def one(x: Any) -> Any:
+    if is_masked(x):
+      return x
+    x = as_stored(x)
+    if isinstance(x, QuantizedArray):
+      return jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    dtype = x.dtype if x.dtype in (jnp.float64, jnp.complex64, jnp.complex128) else jnp.float32
+    return jax.ShapeDtypeStruct(x.shape, dtype)
+
+  return jax.tree.map(one, st.nu, is_leaf=is_leaf)
+
+
+def _settings_for(opt: Any, state: Any, st: RMSPropState) -> tuple[Config, Hyperparams]:
+  """The ``(Config, Hyperparams)`` the step that produced ``st`` used.
+
+  ``opt`` is ours, or a wrapper around one of ours (found by running its
+  ``init`` abstractly); hyperparameters that ``optax.inject_hyperparams``
+  injected are read from its state, as the step used them.
+  """
+  settings = settings_of(opt)
+  if settings is None:
+    found, error = recorded_settings(opt, _stand_in_params(st))
+    distinct = list({id(s): s for s in found}.values())
+    if len(distinct) != 1:
+      what = (
+        "no rmsprop_jax transformation" if not distinct else f"{len(distinct)} rmsprop_jax transformations"
+      )
+      why = "" if error is None else f" (its init on stand-in params raised {type(error).__name__}: {error})"
+      raise TypeError(
+        f"effective_learning_rate: opt.init reaches {what}{why}; pass the rmsprop_jax"
+        " transformation itself (the one inside the wrapper) as opt, with the wrapper's state"
+      )
+    settings = distinct[0]
+  cfg, hp, names = settings
+  injected = _injected(state, st)
+  if injected is not None:
+    values = {f: injected.hyperparams[n] for f, n in names if n in injected.hyperparams}
+    hp = hp._replace(**values)
+  unknown = [
+    f for f, v in hp._asdict().items() if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(v))
+  ]
+  if unknown:
+    raise TypeError(
+      f"effective_learning_rate: the {', '.join(unknown)} of this optimizer is computed inside a"
+      " wrapper that its state does not record; pass the rmsprop_jax transformation itself, built"
+      " with the values the step used"
+    )
+  return cfg, hp
 
 
 def dequantize_state(state: Any) -> Any:
@@ -157,20 +266,21 @@ def dequantize_state(state: Any) -> Any:
   def moment(x: Any) -> Any:
     if x is None:
       return None
+    x = as_stored(x)  # Flax NNX keeps 8-bit codes as a {codes, scale} mapping
     wide = jnp.complex64 if not isinstance(x, QuantizedArray) and jnp.iscomplexobj(x) else jnp.float32
     return load(x, wide)
 
   def convert(s: Any) -> Any:
     if not is_ours(s):
       return s
-    is_q = lambda x: isinstance(x, QuantizedArray)
-    tree = lambda t: None if t is None else jax.tree.map(moment, t, is_leaf=is_q)
+    tree = lambda t: None if t is None else jax.tree.map(moment, t, is_leaf=is_stored_leaf)
     nu, mu = tree(s.nu), tree(s.mu)
     if s.mu is not None:  # centered 8-bit leaves keep nu - mu**2 (see the update)
-      treedef = jax.tree.structure(s.nu, is_leaf=is_q)
-      leaves = (treedef.flatten_up_to(t) for t in (s.nu, s.mu, nu, mu))
+      treedef = jax.tree.structure(s.nu, is_leaf=is_stored_leaf)
+      stored = [[as_stored(x) for x in treedef.flatten_up_to(t)] for t in (s.nu, s.mu)]
+      wide = (treedef.flatten_up_to(t) for t in (nu, mu))
       nu = treedef.unflatten(
-        [v + jnp.square(m) if is_centered_variance(qv, qm) else v for qv, qm, v, m in zip(*leaves)]
+        [v + jnp.square(m) if is_centered_variance(qv, qm) else v for qv, qm, v, m in zip(*stored, *wide)]
       )
     return s._replace(nu=nu, mu=mu, trace=tree(s.trace))
 

@@ -18,6 +18,7 @@ weight decay             coupled (L2)  decoupled     none             none
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -35,13 +36,30 @@ _STORAGE = ("nu_dtype", "state_bits", "rounding", "seed", "min_quantize_size")
 
 
 def _storage(storage: dict[str, Any]) -> dict[str, Any]:
-  """The storage options passed to a preset (refusing any other keyword)."""
+  """The storage options passed to a preset (refusing any other keyword).
+
+  ``optax.inject_hyperparams(preset)`` passes them on as one keyword,
+  ``storage={...}``: that is unpacked.
+  """
+  if set(storage) == {"storage"} and isinstance(storage["storage"], Mapping):
+    storage = dict(storage["storage"])
   unknown = sorted(set(storage) - set(_STORAGE))
   if unknown:
     raise TypeError(
       f"unexpected keyword argument(s) {', '.join(unknown)}; besides its own, a preset takes {_STORAGE}"
     )
   return storage
+
+
+def _named(opt: Any, **names: str) -> Any:
+  """``opt`` carrying the preset's argument names of its hyperparameters.
+
+  ``optax.inject_hyperparams(preset)`` keys its state by these names; the
+  diagnostics read injected values through them.
+  """
+  settings = settings_of(opt)
+  register_settings(opt, settings._replace(names=tuple({**dict(settings.names), **names}.items())))
+  return opt
 
 
 def _momentum_or_none(momentum: Any) -> Any:
@@ -116,7 +134,7 @@ def pytorch(
   _checks.check_scalar("weight_decay", weight_decay, 0.0)
   _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
   del capturable, foreach, differentiable  # torch kernel choices, same numbers
-  return rmsprop(
+  core = rmsprop(
     lr,
     decay=alpha,
     eps=eps,
@@ -129,6 +147,7 @@ def pytorch(
     lr_inside_momentum=False,
     **_storage(storage),
   )
+  return _named(core, learning_rate="lr", decay="alpha")
 
 
 def keras(
@@ -206,12 +225,9 @@ def keras(
     weight_decay_mode="decoupled",
     **_storage(storage),
   )
+  _named(core, decay="rho", eps="epsilon")
   clip = _keras_clip(clipnorm, clipvalue, global_clipnorm)
-  if clip is None:
-    return core
-  chained = _optax.chain(clip, core)
-  register_settings(chained, settings_of(core))  # for effective_learning_rate
-  return chained
+  return core if clip is None else _optax.chain(clip, core)
 
 
 def _keras_clip(clipnorm, clipvalue, global_clipnorm):
@@ -296,7 +312,7 @@ def tf1(
   _checks.check_scalar_or_schedule("decay", decay, 0.0, 1.0)
   _checks.check_scalar("momentum", momentum, 0.0, 1.0, high_open=True)
   _checks.check_scalar("epsilon", epsilon, 0.0)
-  return rmsprop(
+  core = rmsprop(
     learning_rate,
     decay=decay,
     eps=epsilon,
@@ -306,6 +322,7 @@ def tf1(
     momentum=_momentum_or_none(momentum),
     **_storage(storage),
   )
+  return _named(core, eps="epsilon")
 
 
 def optax(

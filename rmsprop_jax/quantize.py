@@ -165,7 +165,9 @@ def stream_keys(seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_in
   pair = jnp.stack([keys, jnp.zeros_like(keys)], axis=1)  # (n, 2): each key reduced with a 0
   out: list = []
   for start in range(0, len(idx), _KEY_GROUP):
-    ops = tuple(lax.index_in_dim(pair, i, 0, keepdims=False) for i in range(start, min(start + _KEY_GROUP, len(idx))))
+    ops = tuple(
+      lax.index_in_dim(pair, i, 0, keepdims=False) for i in range(start, min(start + _KEY_GROUP, len(idx)))
+    )
     init = tuple(np.uint32(0) for _ in ops)
     out.extend(lax.reduce(ops, init, lambda a, b: tuple(map(lax.bitwise_or, a, b)), (0,)))
   return out
@@ -750,6 +752,11 @@ class QuantizedArray:
     if self.code is not None and self.code not in CODES:
       raise ValueError(f"code must be one of {CODES} or None, got {self.code!r}")
 
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The shape of the array the codes stand for (that of ``codes``)."""
+    return tuple(self.codes.shape)
+
   def __iter__(self):  # ``codes, scale = q``, as when this was a (codes, scale) tuple
     return iter((self.codes, self.scale))
 
@@ -815,7 +822,11 @@ def full(
   if signed:
     code_v = lax.select(lax.lt(v, np.float32(0)), lax.neg(one), code_v)
   mag = lax.abs(v)
-  return QuantizedArray(_filled(shape, code_v, like), _filled(scale_shape(shape), mag, like, blocks=True), _code_field(code, bool(signed)))
+  return QuantizedArray(
+    _filled(shape, code_v, like),
+    _filled(scale_shape(shape), mag, like, blocks=True),
+    _code_field(code, bool(signed)),
+  )
 
 
 def _filled(shape: tuple[int, ...], value: jax.Array, like: Any, blocks: bool = False) -> jax.Array:

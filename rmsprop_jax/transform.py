@@ -23,8 +23,8 @@ inside a user's ``jit`` or ``scan`` it is inlined into the caller's program.
 
 from __future__ import annotations
 
+import contextvars
 import functools
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -121,6 +121,18 @@ def _value_at(value: Any, count: chex.Array) -> Any:
   return value(count) if callable(value) else value
 
 
+@functools.partial(jax.jit, inline=True)
+def _bias_correction(decay: Any, count: chex.Array) -> jax.Array:
+  """``1 - decay**count``, traced as optax's ``tree_bias_correction`` traces it.
+
+  Traced, ``decay**count`` of an int32 count is XLA's ``pow`` in float32; eagerly, ``jnp.power``
+  of a concrete integer multiplies ``decay`` out by binary exponentiation instead, whose rounding
+  ``1 - x`` magnifies (2e-5 relative at decay 0.999 and count 3). Jitted, as optax's is, the
+  factor is optax's whether the update runs eagerly or inside the caller's ``jit``.
+  """
+  return 1 - decay**count
+
+
 def step_scalars(hp: Hyperparams, count: chex.Array, cfg: Config) -> StepScalars:
   """Evaluates one step's numbers from ``hp`` and the steps taken before it.
 
@@ -145,7 +157,7 @@ def step_scalars(hp: Hyperparams, count: chex.Array, cfg: Config) -> StepScalars
     neg_lr=neg_lr,
     decoupled_wd=decoupled_wd,
     # A constant decay only: fused_rmsprop refuses decay schedules with it.
-    bias_corr=1 - decay ** optax.safe_increment(count) if cfg.bias_correction else None,
+    bias_corr=_bias_correction(decay, optax.safe_increment(count)) if cfg.bias_correction else None,
     seed=hp.seed,
     count=count,
   )
@@ -456,6 +468,15 @@ def _leaf_plan(shape: tuple[int, ...], dtype: Any, cfg: Config) -> _Plan:
   )
 
 
+def _zero_from(x: jax.Array) -> jax.Array:
+  """int32 0, computed from ``x``'s first entry (whatever it holds, NaN included)."""
+  x0 = jnp.ravel(x)[0]
+  if jnp.issubdtype(x0.dtype, jnp.floating):
+    x0 = lax.bitcast_convert_type(x0, jnp.dtype(f"int{8 * x0.dtype.itemsize}"))
+  nonnegative = lax.shift_right_logical(lax.convert_element_type(x0, jnp.int32), np.int32(1))
+  return lax.min(nonnegative, np.int32(0))
+
+
 def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[dict], tuple[_Ins, dict]]:
   """``fresh(known)``: the inputs again, for one more consumer that recomputes from them.
 
@@ -475,10 +496,12 @@ def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[dict], tup
   def fresh(known: dict) -> tuple[_Ins, dict]:
     # The tag tells the barriers apart. XLA drops a barrier's unused operands, so the
     # consumer uses it: g * (1 + min(tag, 0)), a multiplication by 1 that XLA cannot
-    # see through until the barrier is gone (then it folds it away).
-    ins_b, known_b, tag = lax.optimization_barrier((ins, known, np.int32(next(tags))))
+    # see through until the barrier is gone (then it folds it away). The params are
+    # read as they are, not through the barrier: the caller's p + u rewrites them in
+    # place, and XLA copies a buffer that a barrier passes on.
+    ins_b, known_b, tag = lax.optimization_barrier((ins._replace(p=None), known, np.int32(next(tags))))
     one = lax.convert_element_type(lax.add(np.int32(1), lax.min(tag, np.int32(0))), ins.g.dtype)
-    return ins_b._replace(g=lax.mul(ins_b.g, one)), known_b
+    return ins_b._replace(g=lax.mul(ins_b.g, one), p=ins.p), known_b
 
   return fresh
 
@@ -529,6 +552,18 @@ def _leaf_update(ins: _Ins, keys: dict, scalars: StepScalars, plan: _Plan, cfg: 
       value = getattr(step(known), m)
       stored[m] = quantize.quantize(value, signed=st.signed, bits=_bits(value, key), scale=scale)
   update = step(known).update
+  if cfg.weight_decay == "coupled":
+    # The loops that rewrite the narrow moments read the params, which the caller's
+    # p + u (fused with the update) rewrites in place: the update comes after those
+    # loops (it uses their outputs, multiplying by 1), so that XLA copies only the old
+    # moments, not the params.
+    after = [
+      stored[m] for m in ("nu", "mu", "trace") if getattr(plan, m) is not None and getattr(plan, m).narrow
+    ]
+    if after:
+      (after,) = lax.optimization_barrier((after,))
+      zero = functools.reduce(lax.add, [_zero_from(x) for x in jax.tree.leaves(after)])
+      update = lax.mul(update, lax.convert_element_type(lax.add(np.int32(1), zero), update.dtype))
   return _Leaf(_cast(update, out_dtype), stored["nu"], stored["mu"], stored["trace"])
 
 
@@ -537,18 +572,23 @@ def _leaf_update(ins: _Ins, keys: dict, scalars: StepScalars, plan: _Plan, cfg: 
 # ---------------------------------------------------------------------------
 
 
-def _is_stored_leaf(x: Any) -> bool:
-  return isinstance(x, QuantizedArray)
+def _is_code_mapping(x: Any) -> bool:
+  return isinstance(x, Mapping) and set(x.keys()) == {"codes", "scale"}
 
 
-def _as_stored(x: Any) -> Any:
+def is_stored_leaf(x: Any) -> bool:
+  """Whether ``x`` is one stored moment that pytrees would split (8-bit codes)."""
+  return isinstance(x, QuantizedArray) or _is_code_mapping(x)
+
+
+def as_stored(x: Any) -> Any:
   """A stored moment: an array or :class:`QuantizedArray`.
 
   A mapping of exactly ``codes`` and ``scale`` is taken for the
   :class:`QuantizedArray` it came from: Flax NNX's optimizer keeps the state
   as ``nnx.State`` and turns every pytree node inside it into one.
   """
-  if isinstance(x, Mapping) and set(x.keys()) == {"codes", "scale"}:
+  if _is_code_mapping(x):
     return QuantizedArray(x["codes"], x["scale"])
   return x
 
@@ -558,15 +598,15 @@ def _stored_leaves(name: str, tree: Any, treedef: Any) -> list[Any]:
   try:
     subtrees = treedef.flatten_up_to(tree)
   except (ValueError, TypeError):
-    theirs = jax.tree.structure(tree, is_leaf=_is_stored_leaf)
+    theirs = jax.tree.structure(tree, is_leaf=is_stored_leaf)
     raise ValueError(
       f"updates has tree structure {treedef}, but {name} has {theirs}; pass a tree"
       " with the same structure as the params given to init"
     ) from None
-  out = [_as_stored(x) for x in subtrees]
+  out = [as_stored(x) for x in subtrees]
   for x in out:
     if not (isinstance(x, QuantizedArray) or hasattr(x, "shape")):
-      theirs = jax.tree.structure(tree, is_leaf=_is_stored_leaf)
+      theirs = jax.tree.structure(tree, is_leaf=is_stored_leaf)
       raise ValueError(
         f"updates has tree structure {treedef}, but {name} has {theirs}; pass a tree"
         " with the same structure as the params given to init"
@@ -598,6 +638,7 @@ def _update_tree(
   cfg: Config,
 ) -> tuple[optax.Updates, RMSPropState]:
   """The whole update: :func:`_leaf_update` on every leaf, then the state."""
+  _checks.check_float_updates(updates)
   g_leaves, treedef = jax.tree.flatten(updates)
   nus = _stored_leaves("state.nu", state.nu, treedef)
   _check_shapes(updates, "state.nu", nus)
@@ -611,7 +652,10 @@ def _update_tree(
   plans = [_leaf_plan(tuple(g.shape), g.dtype, cfg) for g in g_leaves]
   # One stream of random bits per stochastically rounded moment: 3 * leaf + moment.
   streams = [
-    (i, m) for i, plan in enumerate(plans) for m, st in plan._asdict().items() if st is not None and _stochastic(st, cfg)
+    (i, m)
+    for i, plan in enumerate(plans)
+    for m, st in plan._asdict().items()
+    if st is not None and _stochastic(st, cfg)
   ]
   keys = quantize.stream_keys(scalars.seed, scalars.count, [3 * i + _STREAMS[m] for i, m in streams])
   leaf_keys: list[dict] = [{} for _ in plans]
@@ -656,9 +700,9 @@ def last_step_size(state: RMSPropState, cfg: Config, hp: Hyperparams) -> optax.U
     scale = _rms_scale(_debias(nu, r), mu_hat, r, cfg)
     return scale if r.s.neg_lr is None else lax.mul(lax.neg(r.s.neg_lr), scale)
 
-  treedef = jax.tree.structure(state.nu, is_leaf=_is_stored_leaf)
-  nus = [_as_stored(x) for x in treedef.flatten_up_to(state.nu)]
-  mus = [None] * len(nus) if state.mu is None else [_as_stored(x) for x in treedef.flatten_up_to(state.mu)]
+  treedef = jax.tree.structure(state.nu, is_leaf=is_stored_leaf)
+  nus = [as_stored(x) for x in treedef.flatten_up_to(state.nu)]
+  mus = [None] * len(nus) if state.mu is None else [as_stored(x) for x in treedef.flatten_up_to(state.mu)]
   return jax.tree.unflatten(treedef, [one(n, m) for n, m in zip(nus, mus)])
 
 
@@ -695,7 +739,7 @@ def _init_tree(params: optax.Params, initial_scale: Any, cfg: Config) -> RMSProp
 
   def init(moment: str, value: Any) -> Any:
     out = []
-    for i, p in enumerate(leaves):
+    for p in leaves:
       dtype = jnp.result_type(p)
       st = _store_for(moment, tuple(p.shape), dtype, cfg)
       if st.quantized:  # a constant: its codes and scales are written down, not computed
@@ -725,22 +769,71 @@ _leaf_jit = jax.jit(_leaf_update, static_argnames=("plan", "cfg"))
 _update_jit = jax.jit(_update_tree, static_argnames=("cfg",), inline=True)
 _init_jit = jax.jit(_init_tree, static_argnames=("cfg",), inline=True)
 
-# Settings of the optimizers built here, for effective_learning_rate(state, opt).
-_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+class Settings(NamedTuple):
+  """What a transformation built here computes with, as it carries it.
+
+  Attributes:
+    config: the static :class:`Config`.
+    hyperparams: the :class:`Hyperparams` it was built with (numbers,
+      schedules; tracers when a wrapper such as ``optax.inject_hyperparams``
+      built it inside its own ``init`` or ``update``).
+    names: ``(field, argument)`` pairs: the public factory's argument that
+      each :class:`Hyperparams` field came from unchanged (what
+      ``optax.inject_hyperparams`` keys its state by).
+  """
+
+  config: Config
+  hyperparams: Hyperparams
+  names: tuple[tuple[str, str], ...] = tuple((f, f) for f in Hyperparams._fields)
 
 
-def register_settings(opt: optax.GradientTransformation, settings: tuple[Config, Hyperparams]) -> None:
-  """Records ``opt``'s settings (kept as long as ``opt.update`` lives)."""
-  _SETTINGS[opt.update] = settings
+_SAME_NAMES = Settings._field_defaults["names"]
 
 
-def settings_of(opt: Any) -> tuple[Config, Hyperparams] | None:
-  """The ``(Config, Hyperparams)`` of an optimizer built here, else None."""
-  update = getattr(opt, "update", None)
+# The attribute of a transformation's ``update`` function that carries its
+# Settings: the transformation itself is optax's two-function NamedTuple.
+_SETTINGS_ATTR = "rmsprop_settings"
+
+# While :func:`recorded_settings` runs a wrapper's ``init``, each of our
+# ``init`` functions it reaches appends its Settings here.
+_RECORDER: contextvars.ContextVar[list[Settings] | None] = contextvars.ContextVar("_RECORDER", default=None)
+
+
+def register_settings(opt: Any, settings: Settings | tuple[Config, Hyperparams]) -> None:
+  """Sets the Settings that ``opt`` (a transformation built here) carries."""
+  if not isinstance(settings, Settings):
+    settings = Settings(*settings)
+  setattr(opt.update, _SETTINGS_ATTR, settings)
+
+
+def settings_of(opt: Any) -> Settings | None:
+  """The Settings ``opt`` carries if it is a transformation built here, else None.
+
+  Wrappers (``optax.chain``, ``inject_hyperparams``, ...) make new functions,
+  which carry nothing: :func:`recorded_settings` finds ours inside them.
+  """
+  return getattr(getattr(opt, "update", None), _SETTINGS_ATTR, None)
+
+
+def recorded_settings(opt: Any, params: Any) -> tuple[list[Settings], Exception | None]:
+  """The Settings of each transformation built here that ``opt.init`` reaches.
+
+  Runs ``opt.init`` on ``params`` (a tree of ``jax.ShapeDtypeStruct``) under
+  ``jax.eval_shape``: no array is allocated and nothing is compiled. Returns
+  the Settings in the order reached, and the exception ``opt.init`` raised if
+  it did not finish (those reached before it still count).
+  """
+  found: list[Settings] = []
+  token = _RECORDER.set(found)
+  error = None
   try:
-    return _SETTINGS.get(update)
-  except TypeError:  # not weak-referenceable: not ours
-    return None
+    jax.eval_shape(lambda p: opt.init(p), params)  # a new function: never a cached trace
+  except Exception as e:  # a wrapper that cannot init on the stand-in params
+    error = e
+  finally:
+    _RECORDER.reset(token)
+  return found, error
 
 
 def _checked_storage(cfg: Config) -> Config:
@@ -766,12 +859,18 @@ def _checked_storage(cfg: Config) -> Config:
   return cfg._replace(state_bits=state_bits, min_quantize_size=min_size)
 
 
-def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationExtraArgs:
+def fused_rmsprop(
+  cfg: Config, hp: Hyperparams, names: Mapping[str, str] | None = None
+) -> optax.GradientTransformationExtraArgs:
   """Builds the transformation for a validated ``cfg`` and ``hp``.
 
   This is the one implementation behind :func:`scale_by_rms`,
   :func:`rmsprop_jax.rmsprop` and every preset; beyond the tree checks in
   ``init`` and ``update`` it only refuses what the core cannot compute.
+  ``names`` maps :class:`Hyperparams` fields to the public factory's argument
+  names where they differ (presets: ``{"decay": "rho", ...}``), so that the
+  diagnostics can read a hyperparameter that ``optax.inject_hyperparams``
+  injected by its argument name.
   """
   cfg = _checked_storage(cfg)
   _checks.check_seed("seed", hp.seed)
@@ -785,6 +884,9 @@ def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationE
     cfg = cfg._replace(safe_divide=True)
 
   def init_fn(params: optax.Params) -> RMSPropState:
+    recorder = _RECORDER.get()
+    if recorder is not None:
+      recorder.append(settings_of(opt))
     _checks.check_float_params(params)
     if _checks.has_abstract_leaves(params):  # ShapeDtypeStructs: build eagerly
       return _init_tree(params, hp.initial_scale, cfg)
@@ -802,7 +904,8 @@ def fused_rmsprop(cfg: Config, hp: Hyperparams) -> optax.GradientTransformationE
     return _update_jit(updates, state, params, step_scalars(hp, state.count, cfg), cfg)
 
   opt = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  register_settings(opt, (cfg, hp))
+  field_names = _SAME_NAMES if names is None else tuple({**dict(_SAME_NAMES), **names}.items())
+  register_settings(opt, Settings(cfg, hp, field_names))
   return opt
 
 

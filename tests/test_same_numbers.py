@@ -1,0 +1,109 @@
+"""What "the same numbers eager, under jit, under vmap" means, per storage and option.
+
+The update of one step is the same function in each mode; XLA compiles the eager program, the
+jitted one and the batched one separately, and may fuse their float32 arithmetic differently
+(on another CPU too), which moves the last bit. What holds on any machine, and what the README
+says:
+
+* float32 state: params and state agree to float32 rounding (a few ulps per step);
+* bfloat16 / 8-bit state: the same random bits round the same values, so the stored codes are
+  the same except where a last-bit difference of the float32 value crosses a rounding
+  threshold: a rare entry is one code (one bfloat16 ulp, one 8-bit code) apart.
+
+Sharded runs: ``tests/test_low_precision.py::test_sharded_state_rounds_exactly_as_unsharded``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax
+from rmsprop_jax.quantize import QuantizedArray
+
+SHAPES = {"w": (64, 96), "b": (96,)}
+STEPS = 3
+STORAGES = {
+  "float32": {},
+  "bfloat16": {"nu_dtype": jnp.bfloat16},
+  "8-bit": {"state_bits": 8, "min_quantize_size": 64},
+}
+OPTIONS = {
+  "plain": {},
+  "nesterov": {"momentum": 0.9, "nesterov": True},
+  "centered+momentum": {"centered": True, "momentum": 0.9},
+  "decoupled wd, eps outside, lr after momentum": {
+    "weight_decay": 0.01,
+    "weight_decay_mode": "decoupled",
+    "eps_in_sqrt": False,
+    "momentum": 0.5,
+    "lr_inside_momentum": False,
+  },
+}
+
+
+def _grads():
+  rng = np.random.default_rng(0)
+  return [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()} for _ in range(STEPS)]
+
+
+def _params():
+  return {k: jnp.full(s, 0.5, jnp.float32) for k, s in SHAPES.items()}
+
+
+def _run(opt, update):
+  params, state = _params(), opt.init(_params())
+  for g in _grads():
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+def _moments(state):
+  """(name, stored value as float64, one code step) for each stored moment entry."""
+  out = []
+  for field in ("nu", "mu", "trace"):
+    tree = getattr(state, field)
+    if tree is None:
+      continue
+    for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedArray)):
+      if isinstance(x, QuantizedArray):
+        out.append((field, np.asarray(x.codes).astype(np.int64), "code"))
+      else:
+        out.append((field, np.asarray(x.astype(jnp.float32), np.float64), jnp.dtype(x.dtype).name))
+  return out
+
+
+def _assert_same_numbers(a, b, storage):
+  (pa, sa), (pb, sb) = a, b
+  # the params: float32 rounding of each step's update, lr * |u| <= 1e-2 * a few
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=STEPS * 8 * 2.0**-24)
+  for (field, x, kind), (_, y, _) in zip(_moments(sa), _moments(sb)):
+    if kind == "float32":  # sums of terms of either sign (trace, mu): ulps of the largest term
+      np.testing.assert_allclose(x, y, rtol=0, atol=STEPS * 8 * 2.0**-24 * np.max(np.abs(y)), err_msg=field)
+      continue
+    differ = x != y
+    assert np.mean(differ) <= 0.005, (field, np.mean(differ))
+    if kind == "code":  # 8-bit: a neighbouring code of the same map
+      continue
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(x), np.abs(y)) + 1e-38)) - 7)  # bfloat16
+    assert np.all(np.abs(x - y)[differ] <= ulp[differ]), field
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("storage", list(STORAGES))
+def test_eager_jit_and_vmap_give_the_same_numbers(storage, option):
+  kw = {**STORAGES[storage], **OPTIONS[option]}
+  opt = rmsprop_jax.rmsprop(0.01, **kw)
+  jitted = _run(opt, jax.jit(opt.update))
+  _assert_same_numbers(_run(opt, opt.update), jitted, storage)
+
+  # a batch of two learning rates, the first one ours: the batched program's first member
+  def one(lr):
+    o = rmsprop_jax.rmsprop(lr, **kw)
+    return _run(o, o.update)
+
+  batched = jax.jit(jax.vmap(one))(jnp.array([0.01, 0.02]))
+  _assert_same_numbers(jax.tree.map(lambda x: x[0], batched), jitted, storage)
