@@ -953,8 +953,8 @@ def scale_by_rms(
       ``ValueError`` (the exact factor ``1 - prod(decay_i)`` would need one
       more number in the state).
     nu_dtype: dtype in which ``nu`` is stored (e.g. ``jnp.bfloat16`` halves
-      its memory); the arithmetic is done in float32 or wider regardless, and
-      the step divides by the stored (rounded) ``nu``. None keeps the
+      its memory); the step decodes it, updates it in float32 or wider and
+      divides by that exact value, rounding only what it stores. None keeps the
       parameters' (real) dtype.
     state_bits: 8 stores ``nu`` (and ``mu``) as 8-bit codes with a float32
       scale per block of 256 values; see :func:`rmsprop_jax.rmsprop`.
