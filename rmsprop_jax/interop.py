@@ -150,7 +150,10 @@ def _is_masked(x: object) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def _flat(tree: optax.Updates) -> tuple[list[Any], jax.tree_util.PyTreeDef]:
+_StateLeaf: TypeAlias = Stored | optax.MaskedNode  # a position multi_transform masks out: a MaskedNode
+
+
+def _flat(tree: optax.Updates) -> tuple[list[_StateLeaf], jax.tree_util.PyTreeDef]:
   """Leaves by position; a masked-out position (multi_transform) is a MaskedNode,
   an 8-bit moment one QuantizedArray."""
   return jax.tree.flatten(tree, is_leaf=lambda x: _is_masked(x) or isinstance(x, QuantizedArray))
@@ -179,7 +182,7 @@ def _fill(state: optax.OptState, slots: Sequence[_Slots], count: int) -> optax.O
     nus, treedef = _flat(st.nu)
     mus = _flat(st.mu)[0] if st.mu is not None else [None] * len(nus)
     traces = _flat(st.trace)[0] if st.trace is not None else [None] * len(nus)
-    out: dict[str, list[Any]] = {"nu": [], "mu": [], "trace": []}
+    out: dict[str, list[_StateLeaf | None]] = {"nu": [], "mu": [], "trace": []}
     for nu, mu, trace, s in zip(nus, mus, traces, slots):
       if _is_masked(nu):
         out["nu"].append(nu)
