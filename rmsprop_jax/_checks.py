@@ -8,6 +8,7 @@ only static information and run at trace time, so they cost nothing per step.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,33 @@ def _show(value: Any) -> str:
   return repr(arr.item()) if arr.ndim == 0 else np.array2string(arr)
 
 
+def _described(value: Any) -> str:
+  """``value`` as an error message shows it: its type, then its repr."""
+  return f"the {type(value).__name__} {value!r}"
+
+
+def check_number(name: str, value: Any) -> None:
+  """Raise ``TypeError`` unless ``value`` is a real number or an array of real numbers.
+
+  It reads only types and dtypes, so it also runs for tracers (``jax.vmap``,
+  ``optax.inject_hyperparams`` under ``jit``). Without it a string would pass
+  the range check (NumPy reads ``"1e-3"`` as 0.001) and a list or a dict
+  would fail only at the first update, far from where it was passed.
+  """
+  if value is None:
+    raise TypeError(f"{name} must be a number, got None")
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a number, got the bool {value!r}")
+  if isinstance(value, numbers.Real):
+    return
+  dtype = getattr(value, "dtype", None)
+  if dtype is None or not hasattr(value, "shape"):  # not an array: str, list, dict, ...
+    hint = " (for an array of them, pass jnp.asarray(...))" if isinstance(value, (list, tuple)) else ""
+    raise TypeError(f"{name} must be a number or an array of numbers, got {_described(value)}{hint}")
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"{name} must be a number or an array of real numbers, got an array of dtype {dtype}")
+
+
 def check_scalar(
   name: str,
   value: Any,
@@ -61,23 +89,17 @@ def check_scalar(
 
   ``high_open`` makes the upper bound exclusive. Tracers pass unchecked.
   """
-  if value is None:
-    if allow_none:
-      return
-    raise ValueError(f"{name} must be a number, got None")
+  if value is None and allow_none:
+    return
   if callable(value):
     raise TypeError(
       f"{name} must be a number or an array, got the callable {value!r}"
       " (only the learning rate and the decay may be schedules)"
     )
+  check_number(name, value)
   if not is_concrete(value):
     return
-  if isinstance(value, bool):
-    raise TypeError(f"{name} must be a number, got the bool {value!r}")
-  try:
-    arr = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError):
-    raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}") from None
+  arr = np.asarray(value, dtype=np.float64)
   if not np.all(np.isfinite(arr)):
     raise ValueError(f"{name} must be finite, got {_show(value)}")
   lo = -math.inf if low is None else low
@@ -121,6 +143,8 @@ def static_int(name: str, value: Any, *, allow_none: bool = False) -> int | None
   """
   if value is None and allow_none:
     return None
+  if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "dtype")):
+    raise TypeError(f"{name} must be an int, got {_described(value)}")
   if not is_concrete(value):
     raise TypeError(
       f"{name} chooses the compiled program and cannot be traced; with"
@@ -156,16 +180,35 @@ def _path(path: tuple[Any, ...]) -> str:
   return jax.tree_util.keystr(path) or "<root>"
 
 
-def check_float_params(params: Any, what: str = "params") -> None:
-  """Raise ``TypeError`` if any leaf of ``params`` is not floating or complex."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+def _check_inexact(what: str, tree: Any, advice: str) -> None:
+  """Raise ``TypeError`` naming the first leaf of ``tree`` that is not floating or complex."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(
-        f"{what}{_path(path)} has dtype {dtype}; RMSProp needs floating or"
-        " complex parameters (cast it, e.g. with .astype(jnp.float32), or"
-        " mask it out with optax.masked)"
-      )
+      raise TypeError(f"{what}{_path(path)} has dtype {dtype}; {advice}")
+
+
+def check_float_params(params: Any, what: str = "params") -> None:
+  """Raise ``TypeError`` if any leaf of ``params`` is not floating or complex."""
+  _check_inexact(
+    what,
+    params,
+    "RMSProp needs floating or complex parameters (cast it, e.g. with"
+    " .astype(jnp.float32), or mask it out with optax.masked)",
+  )
+
+
+def check_float_updates(updates: Any) -> None:
+  """Raise ``TypeError`` if any leaf of ``updates`` (the gradients) is not floating or complex.
+
+  Static (dtypes only): it runs when the update is traced, so it costs nothing per step.
+  """
+  _check_inexact(
+    "updates",
+    updates,
+    "RMSProp needs floating or complex gradients (cast this one, e.g. with"
+    " .astype(jnp.float32), or mask its leaf out with optax.masked)",
+  )
 
 
 def _shape(x: Any) -> tuple[int, ...]:

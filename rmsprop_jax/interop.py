@@ -476,7 +476,8 @@ def from_torch(
 
   .. math::
 
-    \nu = \mathtt{square\_avg}, \quad \mu = \mathtt{grad\_avg}, \quad
+    \nu = \mathtt{square\_avg}, \quad \mu = \mathtt{grad\_avg},
+
     b = \mathtt{momentum\_buffer}, \quad t = \max_i \mathtt{step}_i
 
   Several param groups with different hyperparameters become one
@@ -856,7 +857,8 @@ def from_keras(
 
   .. math::
 
-    t = \mathtt{iterations}, \quad \nu = \mathtt{velocity}, \quad
+    t = \mathtt{iterations}, \quad \nu = \mathtt{velocity},
+
     \mu = \mathtt{average\_gradient}, \quad b = -\mathtt{momentum}
 
   Keras calls a ``LearningRateSchedule`` with ``iterations``, the number of

@@ -284,8 +284,10 @@ def tf1(
 
   .. math::
 
-    ms \leftarrow \rho\,ms + (1-\rho) g^2 \;(ms_0 = 1), \quad
-    mom \leftarrow \beta\,mom + \frac{\eta g}{\sqrt{ms + \epsilon}}, \quad
+    ms \leftarrow \rho\,ms + (1-\rho) g^2 \;(ms_0 = 1),
+
+    mom \leftarrow \beta\,mom + \frac{\eta g}{\sqrt{ms + \epsilon}},
+
     \theta \leftarrow \theta - mom
 
   Args:

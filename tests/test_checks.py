@@ -59,6 +59,108 @@ def test_bool_is_not_a_learning_rate():
     rmsprop_jax.rmsprop(True)
 
 
+NOT_NUMBERS = [
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate="1e-3"),
+    "learning_rate must be a number or an array of numbers, got the str '1e-3'",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=[1e-3]),
+    "learning_rate must be a number or an array of numbers, got the list [0.001]",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate={"lr": 1e-3}),
+    "learning_rate must be a number or an array of numbers, got the dict",
+  ),
+  (rmsprop_jax.rmsprop, dict(learning_rate=None), "learning_rate must be a number, got None"),
+  (rmsprop_jax.rmsprop, dict(learning_rate=0.1, decay=None), "decay must be a number, got None"),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=0.1, eps="1e-8"),
+    "eps must be a number or an array of numbers, got the str '1e-8'",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=0.1, momentum=(0.9,)),
+    "momentum must be a number or an array of numbers, got the tuple (0.9,)",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=0.1, weight_decay=None),
+    "weight_decay must be a number, got None",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=0.1, initial_scale="1"),
+    "initial_scale must be a number or an array of numbers, got the str '1'",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=np.array(["0.1"])),
+    "learning_rate must be a number or an array of real numbers, got an array of dtype <U3",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=jnp.array([True])),
+    "learning_rate must be a number or an array of real numbers, got an array of dtype bool",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=lambda count: "0.1"),
+    "learning_rate(0) must be a number or an array of numbers, got the str '0.1'",
+  ),
+  (
+    rmsprop_jax.rmsprop,
+    dict(learning_rate=0.1, state_bits="8"),
+    "state_bits must be an int, got the str '8'",
+  ),
+  (rmsprop_jax.rmsprop, dict(learning_rate=0.1, seed="0"), "seed must be an integer scalar, got '0'"),
+  (scale_by_rms, dict(decay="0.9"), "decay must be a number or an array of numbers, got the str '0.9'"),
+  (scale_by_rms, dict(eps=[1e-8]), "eps must be a number or an array of numbers, got the list [1e-08]"),
+  (presets.pytorch, dict(lr="0.01"), "lr must be a number or an array of numbers, got the str '0.01'"),
+  (presets.keras, dict(rho=None), "rho must be a number, got None"),
+  (
+    presets.tf1,
+    dict(learning_rate=0.1, epsilon={"eps": 1e-10}),
+    "epsilon must be a number or an array of numbers, got the dict",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "factory,kwargs,message",
+  NOT_NUMBERS,
+  ids=[f"{f.__name__} {k}" for f, k, _ in NOT_NUMBERS],
+)
+def test_a_hyperparameter_that_is_not_a_number_is_refused_at_construction(factory, kwargs, message):
+  with pytest.raises(TypeError, match=re.escape(message)):
+    factory(**kwargs)
+
+
+def test_numbers_arrays_schedules_and_injected_hyperparameters_are_accepted():
+  params = jnp.zeros(3)
+  opts = [
+    rmsprop_jax.rmsprop(1),  # an int
+    rmsprop_jax.rmsprop(np.float32(0.1), decay=np.array(0.9), eps=jnp.asarray(1e-8)),
+    rmsprop_jax.rmsprop(jnp.array([0.1, 0.2, 0.3])),  # one per element
+    rmsprop_jax.rmsprop(optax.linear_schedule(0.1, 0.0, 10), decay=lambda count: 0.9),
+    rmsprop_jax.rmsprop(0.1, state_bits=np.int64(8), min_quantize_size=jnp.asarray(1)),
+  ]
+  for opt in opts:
+    u, _ = jax.jit(opt.update)(jnp.ones(3), opt.init(params), params)
+    chex.assert_tree_all_finite(u)
+  # inject_hyperparams passes every number as an array (traced under jit).
+  kwargs = dict(learning_rate=0.1, decay=0.9, momentum=0.5)
+  injected = optax.inject_hyperparams(rmsprop_jax.rmsprop)(**kwargs)
+  plain = rmsprop_jax.rmsprop(**kwargs)
+  u_injected, _ = jax.jit(injected.update)(jnp.ones(3), injected.init(params), params)
+  u_plain, _ = plain.update(jnp.ones(3), plain.init(params), params)
+  chex.assert_trees_all_close(u_injected, u_plain, rtol=1e-6)
+
+
 def test_only_the_learning_rate_and_the_decay_may_be_schedules():
   with pytest.raises(TypeError, match="eps must be a number or an array, got the callable"):
     rmsprop_jax.rmsprop(0.1, eps=lambda count: 1e-8)
@@ -126,6 +228,20 @@ def test_init_refuses_integer_params_naming_the_leaf():
   params = {"dense": {"kernel": jnp.ones((2, 2)), "step": jnp.array([1, 2], jnp.int32)}}
   with pytest.raises(TypeError, match=r"params\['dense'\]\['step'\] has dtype int32"):
     rmsprop_jax.rmsprop(0.1).init(params)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jitted"])
+@pytest.mark.parametrize("dtype", ["int32", "uint8", "bool"])
+def test_update_refuses_integer_and_boolean_gradients_naming_the_leaf_and_dtype(dtype, jit):
+  params = {"dense": {"kernel": jnp.zeros((2, 2)), "scale": jnp.zeros(2)}}
+  opt = rmsprop_jax.rmsprop(0.1)
+  state = opt.init(params)
+  grads = {"dense": {"kernel": jnp.ones((2, 2)), "scale": jnp.ones(2, dtype)}}
+  update = jax.jit(opt.update) if jit else opt.update
+  with pytest.raises(
+    TypeError, match=rf"updates\['dense'\]\['scale'\] has dtype {dtype}; RMSProp needs floating"
+  ):
+    update(grads, state, params)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jitted"])
