@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, quantize
 from rmsprop_jax.transform import (
   WEIGHT_DECAY_MODES,
   Config,
@@ -162,7 +162,7 @@ def rmsprop(
     maximize=maximize,
     rounding=rounding,
     state_bits=state_bits,
-    min_quantize_size=min_quantize_size,
+    min_quantize_size=quantize.MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size,
   )
   hp = Hyperparams(
     learning_rate=learning_rate,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +80,7 @@ def loss_fn(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def make_chunk(opt: optax.GradientTransformation) -> Callable:
+def make_chunk(opt: optax.GradientTransformation) -> jax.stages.Wrapped:
   """A jitted function running CHUNK steps over the given batch indices."""
 
   @jax.jit
@@ -117,16 +116,16 @@ def train(opt, params, data, batches, bar=None) -> dict[str, Any]:
     if len(idx) not in compiled:
       compiled[len(idx)] = run_chunk.lower(params, state, x_tr, y_tr, idx).compile()
   compile_s = time.perf_counter() - t0
-  losses = []
+  chunks = []
   t0 = time.perf_counter()
   for start in starts:
     idx = batches[start : start + CHUNK]
     params, state, chunk_losses = compiled[len(idx)](params, state, x_tr, y_tr, idx)
-    losses.append(np.asarray(chunk_losses))
+    chunks.append(np.asarray(chunk_losses))
     if bar is not None:
       bar.update(len(idx))
   train_s = time.perf_counter() - t0
-  losses = np.concatenate(losses)
+  losses = np.concatenate(chunks)
   acc = float(jnp.mean(jnp.argmax(mlp(params, x_te), -1) == y_te))
   tail = max(1, len(losses) // 20)
   return {
