@@ -17,6 +17,11 @@ parameters), against optax's two, alternating in one process:
 * ``bytes only``: a loop with the codes loop's traffic and no arithmetic
   (a byte and a float in, a byte out): the floor of the middle loop.
 
+The loops are those of the core of 2026-11-26, whose step divided by the stored codes floored
+by ``(1 - decay) g**2``; the current step divides by the exact new ``nu`` (the stored codes
+decoded and updated in float32), so this script measures that earlier core's passes
+(``benchmarks/README.md``, "Earlier cores").
+
 Run: ``python benchmarks/passes_8bit.py`` (about a minute on 2 cores).
 """
 

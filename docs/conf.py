@@ -23,7 +23,12 @@ extensions = [
   "sphinx.ext.autosummary",
   "sphinx.ext.napoleon",  # Google-style Args / Returns / Example sections
   "sphinx.ext.mathjax",
+  # MathJax 3 bundled with the site (_static/mathjax), so formulas render with no network.
+  "sphinx-mathjax-offline",
 ]
+# The bundled copy (sphinx-mathjax-offline sets the same path; said here so the build does
+# not depend on the order in which extensions are set up).
+mathjax_path = "mathjax/tex-chtml.js"
 
 root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
@@ -68,6 +73,9 @@ suppress_warnings = [
 
 html_theme = "sphinx_book_theme"
 html_title = "rmsprop_jax"
+# Code cells, long signatures and wide tables wrap to the page width instead of scrolling.
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
   "show_toc_level": 2,
   "navigation_with_keys": False,

@@ -220,6 +220,8 @@ def check_same_tree(
   name: str, tree: Any, ref: Any, ref_name: str, *, is_leaf: Callable | None = None
 ) -> None:
   """Raise ``ValueError`` unless ``tree`` has ``ref``'s structure and shapes."""
+  treedef: jax.tree_util.PyTreeDef
+  ref_def: jax.tree_util.PyTreeDef
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(ref, is_leaf=is_leaf)
   if treedef != ref_def:

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-from rmsprop_jax import _checks
+from rmsprop_jax import _checks, quantize
 from rmsprop_jax.transform import (
   WEIGHT_DECAY_MODES,
   Config,
@@ -80,8 +80,9 @@ def rmsprop(
       :math:`1-\rho^t`. Needs a constant ``decay``: with a decay schedule it
       is refused with a ``ValueError``.
     nu_dtype: storage dtype of :math:`\nu`, e.g. ``jnp.bfloat16`` to halve its
-      memory and traffic; arithmetic stays in float32 or wider, and each step
-      divides by the stored (rounded) :math:`\nu`. None: the params' dtype.
+      memory and traffic. Each step decodes the stored :math:`\nu`, updates it
+      with this gradient in float32 and divides by that exact value; only
+      the new value stored is rounded. None: the params' dtype.
     weight_decay: :math:`\lambda` >= 0; 0 disables it.
     weight_decay_mode: ``"coupled"`` (L2 added to the gradient) or
       ``"decoupled"`` (subtracted from the update, scaled by the current lr).
@@ -91,9 +92,10 @@ def rmsprop(
       a constant learning rate up to rounding and differ under schedules.
     state_bits: 8 stores :math:`\nu` (and :math:`\mu`, the momentum buffer)
       as 8-bit codes with one float32 scale per block of 256 values, about a
-      quarter of the float32 state's memory; the step divides by the stored
-      value, floored by :math:`(1-\rho) g_t^2` (a bound the exact
-      :math:`\nu_t` always meets). None (default) keeps them as arrays. Leaves with fewer than
+      quarter of the float32 state's memory. As with ``nu_dtype``, the step
+      is float32 RMSProp's from the decoded state (it divides by the exact
+      new moments) and only what is stored is rounded. None (default) keeps
+      them as arrays. Leaves with fewer than
       ``min_quantize_size`` entries (biases, norm scales) and complex leaves
       stay unquantized. Needs ``static_args=("state_bits",)`` under
       ``optax.inject_hyperparams``.
@@ -101,8 +103,10 @@ def rmsprop(
       narrower than it is computed (``nu_dtype=bfloat16``, low-precision
       params, 8-bit state) up or down at random, so that the stored value is
       unbiased and small EMA increments are kept on average; ``"nearest"``
-      rounds to nearest, which at decays near 1 loses them (a bfloat16
-      :math:`\nu` then stalls well below its float32 value).
+      rounds to nearest, which at decays near 1 loses increments smaller
+      than half a code step: a bfloat16 :math:`\nu` then stops following
+      its float32 value (it freezes below it while it should grow, above it
+      while it should shrink; see notebook 06).
     seed: integer >= 0 from which the rounding's random bits are derived,
       with the step count, the leaf and each element's index: no random key
       in the state, the same numbers eager, under ``jit`` or ``vmap`` and
@@ -158,7 +162,7 @@ def rmsprop(
     maximize=maximize,
     rounding=rounding,
     state_bits=state_bits,
-    min_quantize_size=min_quantize_size,
+    min_quantize_size=quantize.MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size,
   )
   hp = Hyperparams(
     learning_rate=learning_rate,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,17 @@ from rmsprop_jax.transform import (
 )
 
 
-def find_state(state: Any) -> RMSPropState:
+class _Injected(Protocol):
+  """An ``optax.inject_hyperparams`` state (``InjectHyperparamsState`` or its stateful form)."""
+
+  @property
+  def hyperparams(self) -> Mapping[str, Any]: ...
+
+  @property
+  def inner_state(self) -> optax.OptState: ...
+
+
+def find_state(state: optax.OptState) -> RMSPropState:
   """The one :class:`~rmsprop_jax.RMSPropState` inside ``state``.
 
   Works on our own state and on states that wrap it (``optax.chain``,
@@ -54,8 +65,8 @@ def find_state(state: Any) -> RMSPropState:
 
 
 def effective_learning_rate(
-  state: Any,
-  opt: Any,
+  state: optax.OptState,
+  opt: optax.GradientTransformation | optax.ScalarOrSchedule,
   eps: jax.typing.ArrayLike | None = None,
   *,
   eps_in_sqrt: bool | None = None,
@@ -157,15 +168,15 @@ def effective_learning_rate(
   return last_step_size(st, cfg, Hyperparams(learning_rate=opt, eps=eps))
 
 
-def _is_injected(x: Any) -> bool:
+def _is_injected(x: object) -> bool:
   """An ``optax.inject_hyperparams`` state (stateful or not)."""
   return isinstance(x, tuple) and hasattr(x, "hyperparams") and hasattr(x, "inner_state")
 
 
-def _injected(state: Any, st: RMSPropState) -> Any:
+def _injected(state: optax.OptState, st: RMSPropState) -> _Injected | None:
   """The innermost ``inject_hyperparams`` state in ``state`` that holds ``st``."""
   is_ours = lambda x: isinstance(x, RMSPropState)
-  found = None
+  found: _Injected | None = None
   stack = [state]
   while stack:
     node = stack.pop()
@@ -178,12 +189,12 @@ def _injected(state: Any, st: RMSPropState) -> Any:
   return found
 
 
-def _stand_in_params(st: RMSPropState) -> Any:
+def _stand_in_params(st: RMSPropState) -> optax.Params:
   """A tree of ``jax.ShapeDtypeStruct`` shaped like the params ``st`` was built for."""
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   is_leaf = lambda x: is_stored_leaf(x) or is_masked(x)
 
-  def one(x: Any) -> Any:
+  def one(x: Any) -> jax.ShapeDtypeStruct | optax.MaskedNode:
     if is_masked(x):
       return x
     x = as_stored(x)
@@ -195,7 +206,9 @@ def _stand_in_params(st: RMSPropState) -> Any:
   return jax.tree.map(one, st.nu, is_leaf=is_leaf)
 
 
-def _settings_for(opt: Any, state: Any, st: RMSPropState) -> tuple[Config, Hyperparams]:
+def _settings_for(
+  opt: optax.GradientTransformation, state: optax.OptState, st: RMSPropState
+) -> tuple[Config, Hyperparams]:
   """The ``(Config, Hyperparams)`` the step that produced ``st`` used.
 
   ``opt`` is ours, or a wrapper around one of ours (found by running its
@@ -233,7 +246,7 @@ def _settings_for(opt: Any, state: Any, st: RMSPropState) -> tuple[Config, Hyper
   return cfg, hp
 
 
-def dequantize_state(state: Any) -> Any:
+def dequantize_state(state: optax.OptState) -> optax.OptState:
   """``state`` with every moment of every RMSProp state as a float32 array.
 
   For inspection and export: ``nu``, ``mu`` and ``trace`` become trees shaped
@@ -263,7 +276,7 @@ def dequantize_state(state: Any) -> Any:
   """
   is_ours = lambda x: isinstance(x, RMSPropState)
 
-  def moment(x: Any) -> Any:
+  def moment(x: Any) -> jax.Array | None:
     if x is None:
       return None
     x = as_stored(x)  # Flax NNX keeps 8-bit codes as a {codes, scale} mapping
@@ -276,7 +289,7 @@ def dequantize_state(state: Any) -> Any:
     tree = lambda t: None if t is None else jax.tree.map(moment, t, is_leaf=is_stored_leaf)
     nu, mu = tree(s.nu), tree(s.mu)
     if s.mu is not None:  # centered 8-bit leaves keep nu - mu**2 (see the update)
-      treedef = jax.tree.structure(s.nu, is_leaf=is_stored_leaf)
+      treedef: jax.tree_util.PyTreeDef = jax.tree.structure(s.nu, is_leaf=is_stored_leaf)
       stored = [[as_stored(x) for x in treedef.flatten_up_to(t)] for t in (s.nu, s.mu)]
       wide = (treedef.flatten_up_to(t) for t in (nu, mu))
       nu = treedef.unflatten(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +42,11 @@ import optax
 from rmsprop_jax import presets, quantize
 from rmsprop_jax.diagnostics import dequantize_state
 from rmsprop_jax.quantize import QuantizedArray
-from rmsprop_jax.transform import RMSPropState, is_centered_variance
+from rmsprop_jax.transform import RMSPropState, Stored, is_centered_variance
 
 __all__ = ["from_keras", "from_torch", "to_keras", "to_torch"]
 
-LearningRate = optax.ScalarOrSchedule | Sequence[optax.ScalarOrSchedule] | None
+LearningRate: TypeAlias = optax.ScalarOrSchedule | Sequence[optax.ScalarOrSchedule] | None
 
 _LR_RTOL = 1e-5  # a float32 schedule against the framework's float64 value
 
@@ -59,11 +59,19 @@ class _Slots(NamedTuple):
   trace: np.ndarray | None = None
 
 
+class _Moments(NamedTuple):
+  """One parameter's state read from ours, as NumPy arrays (None: no such buffer)."""
+
+  nu: np.ndarray
+  mu: np.ndarray | None
+  trace: np.ndarray | None
+
+
 class _Group(NamedTuple):
   """Parameters (by position) that share one preset."""
 
   settings: tuple[tuple[str, Any], ...]  # preset keyword arguments but the lr
-  learning_rate: Any
+  learning_rate: optax.ScalarOrSchedule
   positions: list[int]
 
 
@@ -72,14 +80,17 @@ class _Group(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
-def _leaves_and_paths(params: Any) -> tuple[list[Any], list[str], Any]:
+def _leaves_and_paths(params: optax.Params) -> tuple[list[jax.Array], list[str], jax.tree_util.PyTreeDef]:
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [f"params{jax.tree_util.keystr(path)}" for path, _ in flat]
   return [jnp.asarray(leaf) for _, leaf in flat], paths, treedef
 
 
 def _check_positions(
-  kind: str, shapes: Sequence[Any], leaves: Sequence[Any], paths: Sequence[str] | None = None
+  kind: str,
+  shapes: Sequence[Sequence[int] | None],
+  leaves: Sequence[jax.Array | np.ndarray],
+  paths: Sequence[str] | None = None,
 ) -> None:
   """The framework's parameters and ours (``params``, or the state), one to one."""
   ours = "params" if paths is not None else "the state"
@@ -112,12 +123,12 @@ def _build(
   make: Callable[[_Group], optax.GradientTransformation],
   groups: Sequence[_Group],
   labels: Sequence[str],
-  treedef: Any,
+  treedef: jax.tree_util.PyTreeDef,
 ) -> optax.GradientTransformation:
   """One preset, or ``optax.multi_transform`` over one preset per group."""
   if len(groups) == 1:
     return make(groups[0])
-  leaf_labels: list[Any] = [None] * treedef.num_leaves
+  leaf_labels: list[str | None] = [None] * treedef.num_leaves
   for label, g in zip(labels, groups):
     for i in g.positions:
       leaf_labels[i] = label
@@ -127,50 +138,56 @@ def _build(
   )
 
 
-def _type_name(x: Any) -> str:
+def _type_name(x: object) -> str:
   return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
-def _is_rms(x: Any) -> bool:
+def _is_rms(x: object) -> bool:
   return isinstance(x, RMSPropState)
 
 
-def _is_masked(x: Any) -> bool:
+def _is_masked(x: object) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def _flat(tree: Any) -> tuple[list[Any], Any]:
+_StateLeaf: TypeAlias = Stored | optax.MaskedNode  # a position multi_transform masks out: a MaskedNode
+
+
+def _flat(tree: optax.Updates) -> tuple[list[_StateLeaf], jax.tree_util.PyTreeDef]:
   """Leaves by position; a masked-out position (multi_transform) is a MaskedNode,
   an 8-bit moment one QuantizedArray."""
   return jax.tree.flatten(tree, is_leaf=lambda x: _is_masked(x) or isinstance(x, QuantizedArray))
 
 
-def _state_leaf(value: np.ndarray | None, like: Any) -> Any:
-  """``value`` stored as ``like`` is (dtype, 8-bit codes, sharding); None: ``like``.
+def _state_leaf(value: np.ndarray | None, like: Stored) -> Stored:
+  """``value`` stored as ``like`` is (dtype, 8-bit codes and their map, sharding); None: ``like``.
 
   Narrower storage rounds to nearest: one rounding of the ported value.
   """
   if value is None:
     return like
   if isinstance(like, QuantizedArray):
-    q = quantize.quantize(jnp.asarray(value, jnp.float32), signed=like.codes.dtype == jnp.int8)
+    signed = like.codes.dtype == jnp.int8
+    q = quantize.quantize(jnp.asarray(value, jnp.float32), signed=signed, code=like.code)
     return QuantizedArray(
-      jax.device_put(q.codes, like.codes.sharding), jax.device_put(q.scale, like.scale.sharding)
+      jax.device_put(q.codes, like.codes.sharding), jax.device_put(q.scale, like.scale.sharding), q.code
     )
   return jax.device_put(jnp.asarray(value, dtype=like.dtype), like.sharding)
 
 
-def _fill(state: Any, slots: Sequence[_Slots], count: int) -> Any:
+def _fill(state: optax.OptState, slots: Sequence[_Slots], count: int) -> optax.OptState:
   """``state`` with every RMSPropState's leaves replaced by ``slots``."""
 
   def fill_one(st: RMSPropState) -> RMSPropState:
     nus, treedef = _flat(st.nu)
     mus = _flat(st.mu)[0] if st.mu is not None else [None] * len(nus)
     traces = _flat(st.trace)[0] if st.trace is not None else [None] * len(nus)
-    out: dict[str, list[Any]] = {"nu": [], "mu": [], "trace": []}
+    out: dict[str, list[_StateLeaf | None]] = {"nu": [], "mu": [], "trace": []}
     for nu, mu, trace, s in zip(nus, mus, traces, slots):
       if _is_masked(nu):
-        out["nu"].append(nu), out["mu"].append(mu), out["trace"].append(trace)
+        out["nu"].append(nu)
+        out["mu"].append(mu)
+        out["trace"].append(trace)
         continue
       nu_value = s.nu
       if is_centered_variance(nu, mu) and s.nu is not None:
@@ -193,13 +210,17 @@ def _fill(state: Any, slots: Sequence[_Slots], count: int) -> Any:
 
 
 def _init_state(
-  opt: optax.GradientTransformation, leaves: list[jax.Array], treedef: Any, slots: list[_Slots], count: int
+  opt: optax.GradientTransformation,
+  leaves: list[jax.Array],
+  treedef: jax.tree_util.PyTreeDef,
+  slots: list[_Slots],
+  count: int,
 ) -> optax.OptState:
   return _fill(opt.init(jax.tree.unflatten(treedef, leaves)), slots, count)
 
 
 def _numpy(x: Any) -> np.ndarray:
-  """A state array (JAX, NumPy) as a writable NumPy array, bfloat16 widened."""
+  """A state array (JAX, NumPy, a Keras backend's tensor) as a writable NumPy array, bfloat16 widened."""
   arr = np.array(jax.device_get(x))
   return arr if arr.dtype.kind in "fc" else arr.astype(np.float32)
 
@@ -207,18 +228,17 @@ def _numpy(x: Any) -> np.ndarray:
 class _Read(NamedTuple):
   """Our state by position, as the framework's side needs it."""
 
-  slots: list[_Slots]
+  slots: list[_Moments]
   counts: list[int]
 
 
-def _read(opt: optax.GradientTransformation, state: Any) -> _Read:
+def _read(opt: optax.GradientTransformation, state: optax.OptState) -> _Read:
   """Every position's ``nu``, ``mu``, ``trace`` and ``count`` from ``state``."""
   found = [s for s in jax.tree.leaves(state, is_leaf=_is_rms) if _is_rms(s)]
   if not found:
     raise ValueError("state must contain an RMSPropState, found none")
   n = None
-  slots: list[_Slots | None] = []
-  counts: list[int | None] = []
+  by_position: dict[int, tuple[_Moments, int]] = {}
   treedef = None
   for st in found:
     st = dequantize_state(st)  # 8-bit codes, bfloat16 nu: float32 moments
@@ -229,7 +249,6 @@ def _read(opt: optax.GradientTransformation, state: Any) -> _Read:
     nu, treedef = _flat(st.nu)
     if n is None:
       n = len(nu)
-      slots, counts = [None] * n, [None] * n
     elif len(nu) != n:
       raise ValueError(f"the RMSPropStates in state cover {n} and {len(nu)} parameters")
     mu = _flat(st.mu)[0] if st.mu is not None else [None] * n
@@ -237,21 +256,28 @@ def _read(opt: optax.GradientTransformation, state: Any) -> _Read:
     for i, (a, b, c) in enumerate(zip(nu, mu, trace)):
       if _is_masked(a):
         continue
-      if slots[i] is not None:
+      if i in by_position:
         raise ValueError(f"position {i} has state in two RMSPropStates")
-      slots[i] = _Slots(_numpy(a), None if b is None else _numpy(b), None if c is None else _numpy(c))
-      counts[i] = count
-  missing = [i for i, s in enumerate(slots) if s is None]
+      moments = _Moments(_numpy(a), None if b is None else _numpy(b), None if c is None else _numpy(c))
+      by_position[i] = moments, count
+  assert n is not None and treedef is not None  # found is not empty
+  missing = [i for i in range(n) if i not in by_position]
   if missing:
     raise ValueError(f"positions {missing} have no RMSPropState in state")
+  slots = [by_position[i][0] for i in range(n)]
   _check_belongs(opt, state, treedef, slots)
-  return _Read(slots, counts)
+  return _Read(slots, [by_position[i][1] for i in range(n)])
 
 
-def _check_belongs(opt: optax.GradientTransformation, state: Any, treedef: Any, slots: list[_Slots]) -> None:
+def _check_belongs(
+  opt: optax.GradientTransformation,
+  state: optax.OptState,
+  treedef: jax.tree_util.PyTreeDef,
+  slots: list[_Moments],
+) -> None:
   """``state`` has the structure ``opt.init`` gives for params shaped like it."""
   like = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s.nu.shape, jnp.float32) for s in slots])
-  expected = jax.tree.structure(jax.eval_shape(opt.init, like))
+  expected: jax.tree_util.PyTreeDef = jax.tree.structure(jax.eval_shape(opt.init, like))
   got = jax.tree.structure(state)
   if expected != got:
     raise ValueError(
@@ -264,11 +290,11 @@ def _check_belongs(opt: optax.GradientTransformation, state: Any, treedef: Any, 
 # ---------------------------------------------------------------------------
 
 
-def _lr_value(lr: Any, count: int) -> float:
+def _lr_value(lr: optax.ScalarOrSchedule, count: int) -> float:
   return float(lr(jnp.asarray(count, jnp.int32))) if callable(lr) else float(lr)
 
 
-def _check_lr(given: Any, count: int, current: float, where: str) -> None:
+def _check_lr(given: optax.ScalarOrSchedule, count: int, current: float, where: str) -> None:
   """``given`` (a float or schedule) goes on at the framework's current lr."""
   value = _lr_value(given, count)
   if np.isclose(value, current, rtol=_LR_RTOL, atol=0.0):
@@ -286,7 +312,7 @@ def _check_lr(given: Any, count: int, current: float, where: str) -> None:
   )
 
 
-def _per_group(learning_rate: LearningRate, n_groups: int) -> list[Any]:
+def _per_group(learning_rate: LearningRate, n_groups: int) -> list[optax.ScalarOrSchedule | None]:
   if isinstance(learning_rate, Sequence) and not isinstance(learning_rate, str):
     if len(learning_rate) != n_groups:
       raise ValueError(
@@ -296,7 +322,7 @@ def _per_group(learning_rate: LearningRate, n_groups: int) -> list[Any]:
   return [learning_rate] * n_groups
 
 
-def _hashable_lr(lr: Any) -> Any:
+def _hashable_lr(lr: optax.ScalarOrSchedule) -> optax.ScalarOrSchedule:
   return lr if callable(lr) else float(lr)
 
 
@@ -317,15 +343,20 @@ class _TorchView(NamedTuple):
 def _torch_view(optimizer: Any) -> _TorchView:
   """The hyperparameters and state of a torch RMSprop or of its state_dict()."""
   torch = sys.modules.get("torch")
-  live = torch is not None and isinstance(optimizer, torch.optim.Optimizer)
-  if live and not isinstance(optimizer, torch.optim.RMSprop):
-    raise TypeError(f"optimizer must be a torch.optim.RMSprop, got {_type_name(optimizer)}")
+  live = False
+  if torch is not None and isinstance(optimizer, torch.optim.Optimizer):
+    if not isinstance(optimizer, torch.optim.RMSprop):
+      raise TypeError(f"optimizer must be a torch.optim.RMSprop, got {_type_name(optimizer)}")
+    live = True
   if not live and not (isinstance(optimizer, Mapping) and {"state", "param_groups"} <= set(optimizer)):
     raise TypeError(
       f"optimizer must be a torch.optim.RMSprop or its state_dict(), got {_type_name(optimizer)}"
     )
   sd = optimizer.state_dict() if live else optimizer
-  groups, group_of, states, shapes = [], [], [], []
+  groups: list[dict[str, Any]] = []
+  group_of: list[int] = []
+  states: list[Mapping[str, Any] | None] = []
+  shapes: list[tuple[int, ...] | None]
   for gi, group in enumerate(sd["param_groups"]):
     missing = [k for k in ("lr", *_TORCH_KEYS) if k not in group]
     if missing:
@@ -374,7 +405,7 @@ def _torch_steps(view: _TorchView) -> list[int | None]:
 
 def _torch_groups(view: _TorchView, learning_rate: LearningRate, count: int) -> list[_Group]:
   """One validated group per torch param group, with its learning rate."""
-  groups = []
+  groups: list[_Group] = []
   for gi, (group, lr) in enumerate(zip(view.groups, _per_group(learning_rate, len(view.groups)))):
     where = f"param_groups[{gi}]['lr']"
     current = float(group["lr"])
@@ -396,7 +427,7 @@ def _torch_groups(view: _TorchView, learning_rate: LearningRate, count: int) -> 
 
 
 def _torch_preset(
-  g: _Group, lr: Any = None, storage: Mapping[str, Any] | None = None
+  g: _Group, lr: optax.ScalarOrSchedule | None = None, storage: Mapping[str, Any] | None = None
 ) -> optax.GradientTransformation:
   return presets.pytorch(lr=g.learning_rate if lr is None else lr, **dict(g.settings), **(storage or {}))
 
@@ -411,7 +442,7 @@ def _check_count_irrelevant(groups: list[_Group], steps: list[int | None], count
   learning rate) at each parameter's own count with the one at the shared count.
   """
   for gi, g in enumerate(groups):
-    own = sorted({steps[i] for i in g.positions if steps[i] is not None} - {count})
+    own = sorted({s for s in (steps[i] for i in g.positions) if s is not None} - {count})
     if not own:
       continue
     opt = _torch_preset(g, lr=_lr_value(g.learning_rate, count))
@@ -445,7 +476,8 @@ def from_torch(
 
   .. math::
 
-    \nu = \mathtt{square\_avg}, \quad \mu = \mathtt{grad\_avg}, \quad
+    \nu = \mathtt{square\_avg}, \quad \mu = \mathtt{grad\_avg},
+
     b = \mathtt{momentum\_buffer}, \quad t = \max_i \mathtt{step}_i
 
   Several param groups with different hyperparameters become one
@@ -516,7 +548,7 @@ def from_torch(
   labels = [f"param_group_{view.group_of[g.positions[0]]}" for g in groups]
   opt = _build(lambda g: _torch_preset(g, storage=storage), groups, labels, treedef)
 
-  def slots(st):
+  def slots(st: Mapping[str, Any] | None) -> _Slots:
     if st is None:
       return _Slots()
     get = lambda k: _torch_numpy(st[k]) if k in st else None
@@ -570,7 +602,7 @@ def to_torch(opt: optax.GradientTransformation, state: optax.OptState, optimizer
   _check_positions("torch optimizer", view.shapes, [s.nu for s in ours.slots])
   scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
   sd = optimizer.state_dict()
-  new_state = {}
+  new_state: dict[int, dict[str, Any]] = {}
   indices = [i for group in sd["param_groups"] for i in group["params"]]
   for i, (index, gi, s, count) in enumerate(zip(indices, view.group_of, ours.slots, ours.counts)):
     group = view.groups[gi]
@@ -597,7 +629,7 @@ def to_torch(opt: optax.GradientTransformation, state: optax.OptState, optimizer
   optimizer.load_state_dict({"state": new_state, "param_groups": sd["param_groups"]})
 
 
-def _check_buffer(i: int, what: str, framework_has: bool, ours: Any, setting: str) -> None:
+def _check_buffer(i: int, what: str, framework_has: bool, ours: np.ndarray | None, setting: str) -> None:
   """A momentum buffer or centered average exists on both sides or on neither."""
   if framework_has and ours is None:
     raise ValueError(
@@ -739,7 +771,7 @@ class _Keras:
       raise self._unsupported("exclude_from_weight_decay() sets no attribute of a fresh RMSprop")
     return bool(written & set(vars(self.optimizer)))
 
-  def learning_rate(self, learning_rate: Any) -> Any:
+  def learning_rate(self, learning_rate: optax.ScalarOrSchedule | None) -> optax.ScalarOrSchedule:
     """The preset's learning rate: ``learning_rate`` if given (checked), else Keras's."""
     opt = self.optimizer
     if learning_rate is not None:
@@ -769,7 +801,7 @@ class _Keras:
 
     return keras_schedule
 
-  def groups(self, lr: Any, n: int) -> tuple[list[str], list[_Group]]:
+  def groups(self, lr: optax.ScalarOrSchedule, n: int) -> tuple[list[str], list[_Group]]:
     """One group, or two when ``exclude_from_weight_decay`` exempts some parameters."""
     opt = self.optimizer
     settings = {
@@ -825,7 +857,8 @@ def from_keras(
 
   .. math::
 
-    t = \mathtt{iterations}, \quad \nu = \mathtt{velocity}, \quad
+    t = \mathtt{iterations}, \quad \nu = \mathtt{velocity},
+
     \mu = \mathtt{average\_gradient}, \quad b = -\mathtt{momentum}
 
   Keras calls a ``LearningRateSchedule`` with ``iterations``, the number of

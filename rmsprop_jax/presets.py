@@ -51,18 +51,21 @@ def _storage(storage: dict[str, Any]) -> dict[str, Any]:
   return storage
 
 
-def _named(opt: Any, **names: str) -> Any:
+def _named(
+  opt: _optax.GradientTransformationExtraArgs, **names: str
+) -> _optax.GradientTransformationExtraArgs:
   """``opt`` carrying the preset's argument names of its hyperparameters.
 
   ``optax.inject_hyperparams(preset)`` keys its state by these names; the
   diagnostics read injected values through them.
   """
   settings = settings_of(opt)
+  assert settings is not None  # opt is rmsprop()'s, which carries its settings
   register_settings(opt, settings._replace(names=tuple({**dict(settings.names), **names}.items())))
   return opt
 
 
-def _momentum_or_none(momentum: Any) -> Any:
+def _momentum_or_none(momentum: jax.typing.ArrayLike) -> jax.typing.ArrayLike | None:
   """Frameworks keep no buffer for momentum == 0; neither do we."""
   return None if _checks.is_known_zero(momentum) else momentum
 
@@ -230,7 +233,9 @@ def keras(
   return core if clip is None else _optax.chain(clip, core)
 
 
-def _keras_clip(clipnorm, clipvalue, global_clipnorm):
+def _keras_clip(
+  clipnorm: float | None, clipvalue: float | None, global_clipnorm: float | None
+) -> _optax.GradientTransformation | None:
   """Keras 3's gradient clipping (``BaseOptimizer._clip_gradients``)."""
   given = {
     k: v
@@ -246,7 +251,7 @@ def _keras_clip(clipnorm, clipvalue, global_clipnorm):
     _checks.check_scalar(k, v, 0.0)
   if clipnorm:
 
-    def clip_leaf(g):  # Keras' _clip_by_norm, NaN-safe for zero gradients
+    def clip_leaf(g: jax.Array) -> jax.Array:  # Keras' _clip_by_norm, NaN-safe for zero gradients
       l2sum = jnp.sum(jnp.square(g))
       l2norm = jnp.where(l2sum > 0, jnp.sqrt(jnp.where(l2sum > 0, l2sum, 1.0)), l2sum)
       return (g * clipnorm) / jnp.maximum(l2norm, clipnorm)
@@ -254,7 +259,8 @@ def _keras_clip(clipnorm, clipvalue, global_clipnorm):
     return _optax.stateless(lambda updates, params: jax.tree.map(clip_leaf, updates))
   if global_clipnorm:
 
-    def clip_global(updates, params):  # Keras' clip_by_global_norm
+    def clip_global(updates: _optax.Updates, params: _optax.Params | None) -> _optax.Updates:
+      """Keras' clip_by_global_norm."""
       norm = _optax.tree.norm(updates)
       scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm)
       scale = scale + (norm - norm)
@@ -278,8 +284,10 @@ def tf1(
 
   .. math::
 
-    ms \leftarrow \rho\,ms + (1-\rho) g^2 \;(ms_0 = 1), \quad
-    mom \leftarrow \beta\,mom + \frac{\eta g}{\sqrt{ms + \epsilon}}, \quad
+    ms \leftarrow \rho\,ms + (1-\rho) g^2 \;(ms_0 = 1),
+
+    mom \leftarrow \beta\,mom + \frac{\eta g}{\sqrt{ms + \epsilon}},
+
     \theta \leftarrow \theta - mom
 
   Args:

@@ -53,7 +53,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +117,7 @@ def _as_u32(v: jax.typing.ArrayLike) -> jax.Array:
   return lax.convert_element_type(v, jnp.uint32)
 
 
-def _global_index(shape: tuple[int, ...], sharding: Any = None) -> jax.Array:
+def _global_index(shape: tuple[int, ...], sharding: jax.sharding.NamedSharding | None = None) -> jax.Array:
   """Each element's row-major index in the whole array (mod 2**32), as uint32.
 
   Built from ``broadcasted_iota`` along each dimension, so under a sharded
@@ -125,15 +125,15 @@ def _global_index(shape: tuple[int, ...], sharding: Any = None) -> jax.Array:
   """
   if not shape:
     return jnp.zeros((), jnp.uint32)
-  idx = None
+  terms = []  # last dimension first: the sum is ((last + ...) + first)
   stride = 1
   for d in reversed(range(len(shape))):
     term = lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=sharding)
     if stride != 1:
       term = lax.mul(term, _u32(stride))
-    idx = term if idx is None else lax.add(idx, term)
+    terms.append(term)
     stride *= shape[d]
-  return idx
+  return functools.reduce(lax.add, terms)
 
 
 def stream_key(seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_index: int) -> jax.Array:
@@ -146,7 +146,9 @@ def stream_key(seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_ind
 _KEY_GROUP = 32  # stream keys extracted per variadic reduce (see stream_keys)
 
 
-def stream_keys(seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_indices: Sequence[int]) -> list:
+def stream_keys(
+  seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_indices: Sequence[int]
+) -> list[jax.Array]:
   """:func:`stream_key` of many streams, as separate scalars computed at run time.
 
   The keys are computed as one vector and handed out by variadic reductions
@@ -163,7 +165,7 @@ def stream_keys(seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_in
   salt = np.asarray([(0x85EBCA6B * (i + 1)) & 0xFFFFFFFF for i in idx], np.uint32)
   keys = _mix32(lax.add(lax.broadcast(k, (len(idx),)), jnp.asarray(salt)))
   pair = jnp.stack([keys, jnp.zeros_like(keys)], axis=1)  # (n, 2): each key reduced with a 0
-  out: list = []
+  out: list[jax.Array] = []
   for start in range(0, len(idx), _KEY_GROUP):
     ops = tuple(
       lax.index_in_dim(pair, i, 0, keepdims=False) for i in range(start, min(start + _KEY_GROUP, len(idx)))
@@ -173,7 +175,9 @@ def stream_keys(seed: jax.typing.ArrayLike, count: jax.typing.ArrayLike, leaf_in
   return out
 
 
-def bits_from_key(key: jax.Array, shape: Sequence[int], *, out_sharding: Any = None) -> jax.Array:
+def bits_from_key(
+  key: jax.Array, shape: Sequence[int], *, out_sharding: jax.sharding.NamedSharding | None = None
+) -> jax.Array:
   """:func:`random_bits` of one stream from its :func:`stream_key`."""
   shape = tuple(int(d) for d in shape)
   idx = _global_index(shape, out_sharding)
@@ -186,7 +190,7 @@ def random_bits(
   leaf_index: int,
   shape: Sequence[int],
   *,
-  out_sharding: Any = None,
+  out_sharding: jax.sharding.NamedSharding | None = None,
 ) -> jax.Array:
   r"""Uniform random uint32 bits, a hash of step, leaf and element index.
 
@@ -245,7 +249,7 @@ def _uniform24(bits: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def round_to(x: jax.Array, dtype: Any, bits: jax.Array | None = None) -> jax.Array:
+def round_to(x: jax.Array, dtype: jax.typing.DTypeLike, bits: jax.Array | None = None) -> jax.Array:
   r"""Rounds float32 ``x`` to ``dtype``: to nearest, or stochastically.
 
   Stochastic rounding returns one of the two ``dtype`` values that bracket
@@ -323,7 +327,7 @@ def round_to(x: jax.Array, dtype: Any, bits: jax.Array | None = None) -> jax.Arr
   return lax.convert_element_type(lax.select(finite, stoch, x), dtype)
 
 
-def _round_bits_variable(x, xb, bits, nmant: int, minexp: int) -> jax.Array:
+def _round_bits_variable(x: jax.Array, xb: jax.Array, bits: jax.Array, nmant: int, minexp: int) -> jax.Array:
   """Stochastic rounding to a float whose subnormals start inside float32's range."""
   sign = lax.bitwise_and(xb, _u32(0x80000000))
   mag = lax.bitwise_and(xb, _u32(0x7FFFFFFF))
@@ -344,7 +348,7 @@ def _round_bits_variable(x, xb, bits, nmant: int, minexp: int) -> jax.Array:
   return lax.bitcast_convert_type(out, jnp.float32)
 
 
-def _full(value: Any, like: jax.Array) -> jax.Array:
+def _full(value: float | np.number, like: jax.Array) -> jax.Array:
   """``value`` in ``like``'s shape, dtype and sharding."""
   return lax.full_like(like, np.asarray(value, like.dtype))
 
@@ -389,14 +393,14 @@ def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
   return (lay.blocks,) if lay.flat else (lay.rows, lay.blocks)
 
 
-def _explicit_sharding(x: jax.Array) -> Any:
+def _explicit_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
   """``x``'s sharding where a mesh with explicit axes types it, else None."""
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
   return sharding if getattr(mesh, "explicit_axes", ()) else None
 
 
-def _explicit_spec(x: jax.Array) -> Any:
+def _explicit_spec(x: jax.Array) -> jax.sharding.PartitionSpec | None:
   sharding = _explicit_sharding(x)
   return None if sharding is None else sharding.spec
 
@@ -411,10 +415,10 @@ def _gathered_for_blocks(x: jax.Array, lay: _Layout) -> jax.Array:
   blocks are computed on the array gathered over the dimensions that cut
   them (the result is the same; the gather is the price of the layout).
   """
-  spec = _explicit_spec(x)
-  if spec is None or all(s is None for s in spec):
+  given = _explicit_spec(x)
+  if given is None or all(s is None for s in given):
     return x
-  spec = tuple(spec) + (None,) * (x.ndim - len(spec))
+  spec = tuple(given) + (None,) * (x.ndim - len(given))
   if not lay.flat:
     keep = spec[:1]
   elif x.ndim == 1 and lay.padded == lay.length:
@@ -428,7 +432,7 @@ def _gathered_for_blocks(x: jax.Array, lay: _Layout) -> jax.Array:
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*keep))
 
 
-def _block_view(x: jax.Array, lay: _Layout, fill: Any) -> jax.Array:
+def _block_view(x: jax.Array, lay: _Layout, fill: float) -> jax.Array:
   """``x`` as ``(rows, blocks, BLOCK_SIZE)``, short blocks padded with ``fill``.
 
   Under an explicit mesh, gathered first where blocks cross shards
@@ -526,15 +530,15 @@ def _dynamic_values(signed: bool) -> np.ndarray:
   split of [0.1, 1] * 10**(i - 6) into 2**(i + 1) parts (2**i per sign when
   signed), plus 0 and 1.
   """
-  vals = [0.0, 1.0]
+  vals = [np.array([0.0, 1.0])]
   for i in range(7):
     n = 2**i if signed else 2 ** (i + 1)
     edges = np.linspace(0.1, 1.0, n + 1)
     mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
-    vals += list(mids) + (list(-mids) if signed else [])
-  vals = np.sort(np.asarray(vals, np.float64))
-  assert vals.size == 256
-  return vals
+    vals += [mids, -mids] if signed else [mids]
+  out = np.sort(np.concatenate(vals).astype(np.float64))
+  assert out.size == 256
+  return out
 
 
 @functools.cache
@@ -780,7 +784,7 @@ def full(
   value: jax.typing.ArrayLike,
   *,
   signed: bool,
-  like: Any = None,
+  like: jax.Array | np.ndarray | jax.ShapeDtypeStruct | None = None,
   code: str | None = None,
 ) -> QuantizedArray:
   """The quantization of an array of ``shape`` filled with ``value``, written down directly.
@@ -829,7 +833,12 @@ def full(
   )
 
 
-def _filled(shape: tuple[int, ...], value: jax.Array, like: Any, blocks: bool = False) -> jax.Array:
+def _filled(
+  shape: tuple[int, ...],
+  value: jax.Array,
+  like: jax.Array | np.ndarray | jax.ShapeDtypeStruct | None,
+  blocks: bool = False,
+) -> jax.Array:
   """``value`` broadcast to ``shape``, placed like ``like`` (per block of it if ``blocks``)."""
   if like is None:
     return lax.broadcast(value, shape)
@@ -838,7 +847,7 @@ def _filled(shape: tuple[int, ...], value: jax.Array, like: Any, blocks: bool = 
     if blocks and sharding is not None:
       sharding = _scale_sharding(sharding, tuple(like.shape))
     return jnp.full(shape, value, value.dtype, device=sharding)
-  src = like.real if jnp.iscomplexobj(like) else like
+  src = jnp.asarray(like.real if jnp.iscomplexobj(like) else like)  # a NumPy array from an eager caller
   if blocks:  # one entry of each block: the scale's shape, sharded as its blocks are
     src = _block_view(src, _layout(tuple(like.shape)), 0)[..., 0].reshape(shape)
   # A select on ``like`` (always false) carries its sharding; XLA folds it away after
@@ -847,7 +856,9 @@ def _filled(shape: tuple[int, ...], value: jax.Array, like: Any, blocks: bool = 
   return jnp.where(keep, lax.convert_element_type(src, value.dtype), value)
 
 
-def _scale_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
+def _scale_sharding(
+  sharding: jax.sharding.Sharding, shape: tuple[int, ...]
+) -> jax.sharding.NamedSharding | None:
   """For an array of ``shape`` placed with ``sharding``: its scale's placement.
 
   Blocks lie inside rows, so the scale takes the array's first-dimension

@@ -124,7 +124,7 @@ def state_shardings(
   base = _base_specs(state, p_treedef, p_info)
   entry = axes[0] if len(axes) == 1 else axes
 
-  def sharding(leaf, spec: _Spec) -> NamedSharding:
+  def sharding(leaf: jax.ShapeDtypeStruct, spec: _Spec) -> NamedSharding:
     spec = _add_axis(tuple(leaf.shape), spec, axes, entry, n, min_size)
     while spec and spec[-1] is None:  # P("data"), not P("data", None)
       spec = spec[:-1]
@@ -136,7 +136,7 @@ def state_shardings(
 # ---------------------------------------------------------------- arguments
 
 
-def _check_axis(axis: Any, mesh: Any) -> tuple[str, ...]:
+def _check_axis(axis: object, mesh: object) -> tuple[str, ...]:
   if not isinstance(mesh, Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
   axes = (axis,) if isinstance(axis, str) else axis
@@ -150,14 +150,14 @@ def _check_axis(axis: Any, mesh: Any) -> tuple[str, ...]:
   return axes
 
 
-def _check_min_size(min_size: Any) -> None:
+def _check_min_size(min_size: object) -> None:
   if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)):
     raise TypeError(f"min_size must be an int, got {min_size!r}")
   if min_size < 0:
     raise ValueError(f"min_size must be >= 0, got {min_size}")
 
 
-def _param_spec(path: Any, p: Any, mesh: Mesh) -> _Spec:
+def _param_spec(path: jax.tree_util.KeyPath, p: Any, mesh: Mesh) -> _Spec:
   """A parameter's partition spec over ``mesh``, padded to its rank."""
   name = "params" + jax.tree_util.keystr(path)
   if not hasattr(p, "shape") and not isinstance(p, (int, float, complex, np.number)):
@@ -184,16 +184,16 @@ def _param_spec(path: Any, p: Any, mesh: Mesh) -> _Spec:
 # ---------------------------------------------------------------- matching
 
 
-def _is_array(x: Any) -> bool:
+def _is_array(x: object) -> bool:
   return x is not None and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _children(node: Any) -> tuple[list[Any], Any]:
+def _children(node: object) -> tuple[list[Any], jax.tree_util.PyTreeDef]:
   """The immediate children of a pytree node, and the treedef to rebuild it."""
   return jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
 
 
-def _is_empty(node: Any) -> bool:
+def _is_empty(node: object) -> bool:
   return not jax.tree_util.tree_leaves(node)
 
 
@@ -216,7 +216,9 @@ def _slot_kind(sub: Any, shape: tuple[int, ...]) -> str:
   return "param" if any(_is_array(k) and tuple(k.shape) == shape for k in kids) else "other"
 
 
-def _match(node: Any, p_treedef: Any, p_info: list[tuple[tuple[int, ...], _Spec]]) -> list[Any] | None:
+def _match(
+  node: Any, p_treedef: jax.tree_util.PyTreeDef, p_info: list[tuple[tuple[int, ...], _Spec]]
+) -> list[Any] | None:
   """The parameter slots of ``node`` if it is a copy of the parameter tree, else None.
 
   A copy has the params' tree structure down to the parameters, one slot per
@@ -234,7 +236,9 @@ def _match(node: Any, p_treedef: Any, p_info: list[tuple[tuple[int, ...], _Spec]
   return subs
 
 
-def _base_specs(node: Any, p_treedef: Any, p_info: list[tuple[tuple[int, ...], _Spec]]) -> Any:
+def _base_specs(
+  node: Any, p_treedef: jax.tree_util.PyTreeDef, p_info: list[tuple[tuple[int, ...], _Spec]]
+) -> Any:
   """Starting specs for every state leaf: its parameter's, or replicated."""
   if node is None:
     return None
@@ -255,7 +259,7 @@ def _base_specs(node: Any, p_treedef: Any, p_info: list[tuple[tuple[int, ...], _
 
 
 def _used_axes(spec: _Spec) -> set[str]:
-  used = set()
+  used: set[str] = set()
   for e in spec:
     if isinstance(e, str):
       used.add(e)
@@ -265,7 +269,12 @@ def _used_axes(spec: _Spec) -> set[str]:
 
 
 def _add_axis(
-  shape: tuple[int, ...], spec: _Spec, axes: tuple[str, ...], entry: Any, n: int, min_size: int
+  shape: tuple[int, ...],
+  spec: _Spec,
+  axes: tuple[str, ...],
+  entry: str | tuple[str, ...],
+  n: int,
+  min_size: int,
 ) -> _Spec:
   """``spec`` with ``entry`` on the largest free dimension divisible by ``n``."""
   if n == 1 or int(np.prod(shape, dtype=np.int64)) < max(min_size, 1):

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeAlias
 
 import chex
 import jax
@@ -70,7 +70,7 @@ class Config(NamedTuple):
   eps_in_sqrt: bool = True
   centered: bool = False
   bias_correction: bool = False
-  nu_dtype: np.dtype | None = None
+  nu_dtype: jax.typing.DTypeLike | None = None  # as given; _checked_storage makes it a jnp.dtype
   momentum: bool = False
   nesterov: bool = False
   scale_by_learning_rate: bool = True
@@ -178,29 +178,29 @@ class _Consts(NamedTuple):
   one: jax.Array
 
 
-def _consts_factory(scalars: StepScalars) -> Callable[[Any], _Consts]:
+def _consts_factory(scalars: StepScalars) -> Callable[[jnp.dtype], _Consts]:
   """``dtype -> _Consts``, converting each scalar once per dtype."""
 
   @functools.cache
-  def consts(dtype: Any) -> _Consts:
+  def consts(dtype: jnp.dtype) -> _Consts:
     conv = lambda v: None if v is None else lax.convert_element_type(v, dtype)
     floats = scalars._replace(seed=None, count=None)
     converted = StepScalars(*map(conv, floats))._replace(seed=scalars.seed, count=scalars.count)
-    return _Consts(converted, conv(0.0), conv(1.0))
+    return _Consts(converted, lax.convert_element_type(0.0, dtype), lax.convert_element_type(1.0, dtype))
 
   return consts
 
 
-def _compute_dtype(dtype: Any) -> Any:
+def _compute_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
   """float32 for low-precision floats, else the dtype itself (complex kept)."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _real_dtype(dtype: Any) -> Any:
+def _real_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
   return jnp.finfo(dtype).dtype
 
 
-def _cast(x: jax.Array, dtype: Any) -> jax.Array:
+def _cast(x: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
   """``x.astype(dtype)``, skipped (no trace work) when it is already that."""
   return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
@@ -217,6 +217,7 @@ def _direction(g: jax.Array, p: jax.Array | None, c: _Consts, cfg: Config) -> ja
   if cfg.maximize:
     g = lax.neg(g)
   if cfg.weight_decay == "coupled":
+    assert p is not None  # _update_tree refuses params=None with weight decay
     g = lax.add(g, lax.mul(c.s.weight_decay, _cast(p, g.dtype)))
   return g
 
@@ -267,17 +268,22 @@ def _momentum(u: jax.Array, trace: jax.Array, c: _Consts, cfg: Config) -> tuple[
 
 _STREAMS = {"nu": 0, "mu": 1, "trace": 2}  # one stream of random bits per moment
 
+Stored: TypeAlias = jax.Array | QuantizedArray
+"""One stored moment of one leaf: an array, or 8-bit codes and their block scales."""
+
+_Known: TypeAlias = dict[str, jax.Array]  # new moments computed and stored exactly, by name
+
 
 class _Store(NamedTuple):
   """How one moment of one leaf is stored (static, decided from its shape)."""
 
-  dtype: Any  # storage dtype of a plain array (unused when quantized)
+  dtype: jnp.dtype  # storage dtype of a plain array (unused when quantized)
   quantized: bool  # 8-bit codes and block scales
   signed: bool  # signed codes (first moments) or not (nu)
   narrow: bool  # stored narrower than computed: the stored value is a rounding
 
 
-def _quantizable(shape: tuple[int, ...], dtype: Any, cfg: Config) -> bool:
+def _quantizable(shape: tuple[int, ...], dtype: jax.typing.DTypeLike, cfg: Config) -> bool:
   """8-bit storage for real leaves of rank >= 1 with >= min_quantize_size entries."""
   return (
     cfg.state_bits == 8
@@ -287,7 +293,7 @@ def _quantizable(shape: tuple[int, ...], dtype: Any, cfg: Config) -> bool:
   )
 
 
-def _store_for(moment: str, p_shape: tuple[int, ...], p_dtype: Any, cfg: Config) -> _Store:
+def _store_for(moment: str, p_shape: tuple[int, ...], p_dtype: jax.typing.DTypeLike, cfg: Config) -> _Store:
   real = _real_dtype(p_dtype)
   dtype = jnp.dtype((cfg.nu_dtype or real) if moment == "nu" else p_dtype)
   quantized = _quantizable(p_shape, p_dtype, cfg)
@@ -298,7 +304,7 @@ def _store_for(moment: str, p_shape: tuple[int, ...], p_dtype: Any, cfg: Config)
   return _Store(dtype, quantized, moment != "nu", narrow)
 
 
-def load(x: Any, dtype: Any) -> jax.Array:
+def load(x: Stored, dtype: jax.typing.DTypeLike) -> jax.Array:
   """A stored moment in compute dtype ``dtype`` (dequantized if 8-bit)."""
   if isinstance(x, QuantizedArray):
     return _cast(quantize.dequantize(x), dtype)
@@ -351,13 +357,13 @@ class _Plan(NamedTuple):
 
 
 class _Ins(NamedTuple):
-  """One leaf's inputs, as stored."""
+  """One leaf's inputs, as stored (None where unused)."""
 
   g: jax.Array
   p: jax.Array | None
-  nu: Any
-  mu: Any
-  trace: Any
+  nu: Stored
+  mu: Stored | None
+  trace: Stored | None
 
 
 class _Step:
@@ -382,7 +388,7 @@ class _Step:
   :math:`\nu = v + \mu^2`.
   """
 
-  def __init__(self, ins: _Ins, known: dict, c: _Consts, r: _Consts, cfg: Config, plan: _Plan):
+  def __init__(self, ins: _Ins, known: _Known, c: _Consts, r: _Consts, cfg: Config, plan: _Plan):
     self.ins, self.known, self.c, self.r, self.cfg, self.plan = ins, known, c, r, cfg, plan
 
   @functools.cached_property
@@ -394,6 +400,7 @@ class _Step:
   def x_nu(self) -> jax.Array:
     """What ``nu``'s EMA averages: ``|g|**2``, or ``decay |g - mu|**2`` for the variance."""
     if self.plan.variance:
+      assert self.ins.mu is not None  # plan.variance: centered
       dev = lax.sub(self.g, load(self.ins.mu, self.r.one.dtype))
       return lax.mul(self.r.s.decay, lax.mul(dev, dev))
     return _abs_sq(self.g)
@@ -408,6 +415,7 @@ class _Step:
   def mu(self) -> jax.Array:
     if "mu" in self.known:
       return self.known["mu"]
+    assert self.ins.mu is not None  # asked for only when centered
     return _ema(load(self.ins.mu, self.c.one.dtype), self.g, self.c)
 
   @functools.cached_property
@@ -430,6 +438,7 @@ class _Step:
       trace = self.known["trace"]
       out = lax.add(scaled(self.u), lax.mul(c.s.momentum, trace)) if cfg.nesterov else trace
     else:
+      assert self.ins.trace is not None  # asked for only with momentum
       out, trace = _momentum(scaled(self.u), load(self.ins.trace, c.one.dtype), c, cfg)
     if not cfg.lr_inside_momentum:  # PyTorch: the buffer holds unscaled steps
       out = lax.mul(c.s.neg_lr, out)
@@ -446,6 +455,7 @@ class _Step:
       return self.u
     u = self._momentum[0] if cfg.momentum else lax.mul(c.s.neg_lr, self.u)
     if cfg.weight_decay == "decoupled":
+      assert self.ins.p is not None  # _update_tree refuses params=None with weight decay
       u = lax.sub(u, lax.mul(c.s.decoupled_wd, _cast(self.ins.p, c.one.dtype)))
     return u
 
@@ -454,12 +464,12 @@ class _Leaf(NamedTuple):
   """One leaf's update and new moments, as stored (None if unused)."""
 
   update: jax.Array
-  nu: Any
-  mu: Any
-  trace: Any
+  nu: Stored | None
+  mu: Stored | None
+  trace: Stored | None
 
 
-def _leaf_plan(shape: tuple[int, ...], dtype: Any, cfg: Config) -> _Plan:
+def _leaf_plan(shape: tuple[int, ...], dtype: jax.typing.DTypeLike, cfg: Config) -> _Plan:
   store = functools.partial(_store_for, p_shape=shape, p_dtype=dtype, cfg=cfg)
   return _Plan(
     store("nu"),
@@ -468,7 +478,16 @@ def _leaf_plan(shape: tuple[int, ...], dtype: Any, cfg: Config) -> _Plan:
   )
 
 
-def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[dict], tuple[_Ins, dict]]:
+def _zero_from(x: jax.Array) -> jax.Array:
+  """int32 0, computed from ``x``'s first entry (whatever it holds, NaN included)."""
+  x0 = jnp.ravel(x)[0]
+  if jnp.issubdtype(x0.dtype, jnp.floating):
+    x0 = lax.bitcast_convert_type(x0, jnp.dtype(f"int{8 * x0.dtype.itemsize}"))
+  nonnegative = lax.shift_right_logical(lax.convert_element_type(x0, jnp.int32), np.int32(1))
+  return lax.min(nonnegative, np.int32(0))
+
+
+def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[_Known], tuple[_Ins, _Known]]:
   """``fresh(known)``: the inputs again, for one more consumer that recomputes from them.
 
   XLA:CPU has no multi-output fusion: each stored output (the update, each new
@@ -484,18 +503,22 @@ def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[dict], tup
     return lambda known: (ins, known)
   tags = iter(range(1 << 30))
 
-  def fresh(known: dict) -> tuple[_Ins, dict]:
+  def fresh(known: _Known) -> tuple[_Ins, _Known]:
     # The tag tells the barriers apart. XLA drops a barrier's unused operands, so the
     # consumer uses it: g * (1 + min(tag, 0)), a multiplication by 1 that XLA cannot
-    # see through until the barrier is gone (then it folds it away).
-    ins_b, known_b, tag = lax.optimization_barrier((ins, known, np.int32(next(tags))))
+    # see through until the barrier is gone (then it folds it away). The params are
+    # read as they are, not through the barrier: the caller's p + u rewrites them in
+    # place, and XLA copies a buffer that a barrier passes on.
+    ins_b, known_b, tag = lax.optimization_barrier((ins._replace(p=None), known, np.int32(next(tags))))
     one = lax.convert_element_type(lax.add(np.int32(1), lax.min(tag, np.int32(0))), ins.g.dtype)
-    return ins_b._replace(g=lax.mul(ins_b.g, one)), known_b
+    return ins_b._replace(g=lax.mul(ins_b.g, one), p=ins.p), known_b
 
   return fresh
 
 
-def _leaf_update(ins: _Ins, keys: dict, scalars: StepScalars, plan: _Plan, cfg: Config) -> _Leaf:
+def _leaf_update(
+  ins: _Ins, keys: dict[str, jax.Array], scalars: StepScalars, plan: _Plan, cfg: Config
+) -> _Leaf:
   """One leaf of the update, from stored moments to stored moments.
 
   The step is float32 RMSProp's from the decoded state (it divides by the
@@ -510,8 +533,8 @@ def _leaf_update(ins: _Ins, keys: dict, scalars: StepScalars, plan: _Plan, cfg: 
   c, r = consts(cdt), consts(_real_dtype(cdt))
   fresh = _private_copies(ins, cfg, plan)
   step = lambda known: _Step(*fresh(known), c, r, cfg, plan)
-  known: dict = {}
-  stored: dict = {"nu": None, "mu": None, "trace": None}
+  known: _Known = {}
+  stored: dict[str, Stored | None] = {"nu": None, "mu": None, "trace": None}
   # Moments stored exactly, in dependency order; later consumers read them.
   for m in ("mu", "nu", "trace"):
     st = getattr(plan, m)
@@ -541,6 +564,18 @@ def _leaf_update(ins: _Ins, keys: dict, scalars: StepScalars, plan: _Plan, cfg: 
       value = getattr(step(known), m)
       stored[m] = quantize.quantize(value, signed=st.signed, bits=_bits(value, key), scale=scale)
   update = step(known).update
+  if cfg.weight_decay == "coupled":
+    # The loops that rewrite the narrow moments read the params, which the caller's
+    # p + u (fused with the update) rewrites in place: the update comes after those
+    # loops (it uses their outputs, multiplying by 1), so that XLA copies only the old
+    # moments, not the params.
+    after = [
+      stored[m] for m in ("nu", "mu", "trace") if getattr(plan, m) is not None and getattr(plan, m).narrow
+    ]
+    if after:
+      (after,) = lax.optimization_barrier((after,))
+      zero = functools.reduce(lax.add, [_zero_from(x) for x in jax.tree.leaves(after)])
+      update = lax.mul(update, lax.convert_element_type(lax.add(np.int32(1), zero), update.dtype))
   return _Leaf(_cast(update, out_dtype), stored["nu"], stored["mu"], stored["trace"])
 
 
@@ -549,11 +584,11 @@ def _leaf_update(ins: _Ins, keys: dict, scalars: StepScalars, plan: _Plan, cfg: 
 # ---------------------------------------------------------------------------
 
 
-def _is_code_mapping(x: Any) -> bool:
+def _is_code_mapping(x: object) -> bool:
   return isinstance(x, Mapping) and set(x.keys()) == {"codes", "scale"}
 
 
-def is_stored_leaf(x: Any) -> bool:
+def is_stored_leaf(x: object) -> bool:
   """Whether ``x`` is one stored moment that pytrees would split (8-bit codes)."""
   return isinstance(x, QuantizedArray) or _is_code_mapping(x)
 
@@ -570,7 +605,7 @@ def as_stored(x: Any) -> Any:
   return x
 
 
-def _stored_leaves(name: str, tree: Any, treedef: Any) -> list[Any]:
+def _stored_leaves(name: str, tree: optax.Updates, treedef: jax.tree_util.PyTreeDef) -> list[Stored]:
   """``tree``'s moments in ``treedef``'s (the updates') order, one per parameter."""
   try:
     subtrees = treedef.flatten_up_to(tree)
@@ -591,7 +626,7 @@ def _stored_leaves(name: str, tree: Any, treedef: Any) -> list[Any]:
   return out
 
 
-def _check_shapes(updates: Any, name: str, stored: list[Any]) -> None:
+def _check_shapes(updates: optax.Updates, name: str, stored: list[Stored]) -> None:
   paths = jax.tree_util.tree_flatten_with_path(updates)[0]
   for (path, u), x in zip(paths, stored):
     shape = _checks._shape(x)
@@ -602,7 +637,9 @@ def _check_shapes(updates: Any, name: str, stored: list[Any]) -> None:
       )
 
 
-def _leaves_or_none(treedef: Any, tree: Any, name: str) -> list[Any]:
+def _leaves_or_none(
+  treedef: jax.tree_util.PyTreeDef, tree: optax.Updates | None, name: str
+) -> Sequence[Stored | None]:
   """``tree``'s moments in ``treedef``'s order, or Nones if ``tree`` is None."""
   return [None] * treedef.num_leaves if tree is None else _stored_leaves(name, tree, treedef)
 
@@ -616,6 +653,7 @@ def _update_tree(
 ) -> tuple[optax.Updates, RMSPropState]:
   """The whole update: :func:`_leaf_update` on every leaf, then the state."""
   _checks.check_float_updates(updates)
+  treedef: jax.tree_util.PyTreeDef
   g_leaves, treedef = jax.tree.flatten(updates)
   nus = _stored_leaves("state.nu", state.nu, treedef)
   _check_shapes(updates, "state.nu", nus)
@@ -635,7 +673,7 @@ def _update_tree(
     if st is not None and _stochastic(st, cfg)
   ]
   keys = quantize.stream_keys(scalars.seed, scalars.count, [3 * i + _STREAMS[m] for i, m in streams])
-  leaf_keys: list[dict] = [{} for _ in plans]
+  leaf_keys: list[dict[str, jax.Array]] = [{} for _ in plans]
   for (i, m), k in zip(streams, keys):
     leaf_keys[i][m] = k
   leaf_scalars = scalars._replace(seed=None, count=None)  # the keys carry seed and count
@@ -663,9 +701,9 @@ def last_step_size(state: RMSPropState, cfg: Config, hp: Hyperparams) -> optax.U
   scalars = step_scalars(hp, jnp.maximum(state.count - 1, 0), cfg)
   consts = _consts_factory(scalars)
 
-  def one(nu: Any, mu: Any) -> jax.Array:
-    if is_centered_variance(nu, mu):
-      r = consts(jnp.float32)
+  def one(nu: Stored, mu: Stored | None) -> jax.Array:
+    if mu is not None and is_centered_variance(nu, mu):
+      r = consts(jnp.dtype(jnp.float32))
       scale = _inv_rms(_centered_variance(load(nu, jnp.float32), load(mu, jnp.float32), r), r, cfg)
       return scale if r.s.neg_lr is None else lax.mul(lax.neg(r.s.neg_lr), scale)
     nu = load(nu, _real_dtype(_compute_dtype(_stored_dtype(nu))))
@@ -677,13 +715,13 @@ def last_step_size(state: RMSPropState, cfg: Config, hp: Hyperparams) -> optax.U
     scale = _rms_scale(_debias(nu, r), mu_hat, r, cfg)
     return scale if r.s.neg_lr is None else lax.mul(lax.neg(r.s.neg_lr), scale)
 
-  treedef = jax.tree.structure(state.nu, is_leaf=is_stored_leaf)
+  treedef: jax.tree_util.PyTreeDef = jax.tree.structure(state.nu, is_leaf=is_stored_leaf)
   nus = [as_stored(x) for x in treedef.flatten_up_to(state.nu)]
   mus = [None] * len(nus) if state.mu is None else [as_stored(x) for x in treedef.flatten_up_to(state.mu)]
   return jax.tree.unflatten(treedef, [one(n, m) for n, m in zip(nus, mus)])
 
 
-def is_centered_variance(nu: Any, mu: Any) -> bool:
+def is_centered_variance(nu: Stored, mu: Stored | None) -> bool:
   """Whether a leaf's stored ``nu`` holds ``nu - mu**2`` (centered, 8-bit codes).
 
   See :func:`_centered_quantized`; ``nu = dequantize(nu) + dequantize(mu)**2``.
@@ -691,12 +729,14 @@ def is_centered_variance(nu: Any, mu: Any) -> bool:
   return isinstance(nu, QuantizedArray) and mu is not None
 
 
-def _stored_dtype(x: Any) -> Any:
+def _stored_dtype(x: Stored) -> jax.typing.DTypeLike:
   """The dtype a stored moment is computed in from: float32 for 8-bit codes."""
   return jnp.float32 if isinstance(x, QuantizedArray) else x.dtype
 
 
-def _full_like(p: Any, value: Any, dtype: Any) -> jax.Array:
+def _full_like(
+  p: jax.Array | np.ndarray | jax.ShapeDtypeStruct, value: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike
+) -> jax.Array:
   """An array of ``value`` shaped and placed like ``p``.
 
   ``p`` may be a ``jax.ShapeDtypeStruct`` (with or without a sharding). For an
@@ -711,11 +751,11 @@ def _full_like(p: Any, value: Any, dtype: Any) -> jax.Array:
   return jnp.where(keep, src.astype(dtype), jnp.asarray(value, dtype=dtype))
 
 
-def _init_tree(params: optax.Params, initial_scale: Any, cfg: Config) -> RMSPropState:
+def _init_tree(params: optax.Params, initial_scale: jax.typing.ArrayLike, cfg: Config) -> RMSPropState:
   leaves, treedef = jax.tree.flatten(params)
 
-  def init(moment: str, value: Any) -> Any:
-    out = []
+  def init(moment: str, value: jax.typing.ArrayLike) -> optax.Updates:
+    out: list[Stored] = []
     for p in leaves:
       dtype = jnp.result_type(p)
       st = _store_for(moment, tuple(p.shape), dtype, cfg)
@@ -747,6 +787,10 @@ _update_jit = jax.jit(_update_tree, static_argnames=("cfg",), inline=True)
 _init_jit = jax.jit(_init_tree, static_argnames=("cfg",), inline=True)
 
 
+# Each Hyperparams field named as the argument it came from: rmsprop's and scale_by_rms's own names.
+_SAME_NAMES: tuple[tuple[str, str], ...] = tuple((f, f) for f in Hyperparams._fields)
+
+
 class Settings(NamedTuple):
   """What a transformation built here computes with, as it carries it.
 
@@ -762,10 +806,7 @@ class Settings(NamedTuple):
 
   config: Config
   hyperparams: Hyperparams
-  names: tuple[tuple[str, str], ...] = tuple((f, f) for f in Hyperparams._fields)
-
-
-_SAME_NAMES = Settings._field_defaults["names"]
+  names: tuple[tuple[str, str], ...] = _SAME_NAMES
 
 
 # The attribute of a transformation's ``update`` function that carries its
@@ -777,14 +818,16 @@ _SETTINGS_ATTR = "rmsprop_settings"
 _RECORDER: contextvars.ContextVar[list[Settings] | None] = contextvars.ContextVar("_RECORDER", default=None)
 
 
-def register_settings(opt: Any, settings: Settings | tuple[Config, Hyperparams]) -> None:
+def register_settings(
+  opt: optax.GradientTransformation, settings: Settings | tuple[Config, Hyperparams]
+) -> None:
   """Sets the Settings that ``opt`` (a transformation built here) carries."""
   if not isinstance(settings, Settings):
     settings = Settings(*settings)
   setattr(opt.update, _SETTINGS_ATTR, settings)
 
 
-def settings_of(opt: Any) -> Settings | None:
+def settings_of(opt: object) -> Settings | None:
   """The Settings ``opt`` carries if it is a transformation built here, else None.
 
   Wrappers (``optax.chain``, ``inject_hyperparams``, ...) make new functions,
@@ -793,7 +836,9 @@ def settings_of(opt: Any) -> Settings | None:
   return getattr(getattr(opt, "update", None), _SETTINGS_ATTR, None)
 
 
-def recorded_settings(opt: Any, params: Any) -> tuple[list[Settings], Exception | None]:
+def recorded_settings(
+  opt: optax.GradientTransformation, params: optax.Params
+) -> tuple[list[Settings], Exception | None]:
   """The Settings of each transformation built here that ``opt.init`` reaches.
 
   Runs ``opt.init`` on ``params`` (a tree of ``jax.ShapeDtypeStruct``) under
@@ -823,10 +868,9 @@ def _checked_storage(cfg: Config) -> Config:
   _checks.check_choice("rounding", cfg.rounding, ROUNDINGS)
   state_bits = _checks.static_int("state_bits", cfg.state_bits, allow_none=True)
   _checks.check_choice("state_bits", state_bits, (None, 8))
-  min_size = cfg.min_quantize_size
-  min_size = (
-    quantize.MIN_QUANTIZE_SIZE if min_size is None else _checks.static_int("min_quantize_size", min_size)
-  )
+  min_size = _checks.static_int("min_quantize_size", cfg.min_quantize_size, allow_none=True)
+  if min_size is None:
+    min_size = quantize.MIN_QUANTIZE_SIZE
   if min_size < 1:
     raise ValueError(f"min_quantize_size must be >= 1, got {min_size}")
   if state_bits is not None and cfg.nu_dtype is not None:
@@ -862,8 +906,9 @@ def fused_rmsprop(
 
   def init_fn(params: optax.Params) -> RMSPropState:
     recorder = _RECORDER.get()
-    if recorder is not None:
-      recorder.append(settings_of(opt))
+    settings = settings_of(opt)  # read now: a preset renames the arguments after building opt
+    if recorder is not None and settings is not None:
+      recorder.append(settings)
     _checks.check_float_params(params)
     if _checks.has_abstract_leaves(params):  # ShapeDtypeStructs: build eagerly
       return _init_tree(params, hp.initial_scale, cfg)
@@ -894,7 +939,7 @@ def scale_by_rms(
   initial_scale: jax.typing.ArrayLike = 0.0,
   centered: bool = False,
   bias_correction: bool = False,
-  nu_dtype: Any = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
   state_bits: int | None = None,
   rounding: str = "stochastic",
   seed: jax.typing.ArrayLike = 0,
@@ -930,8 +975,8 @@ def scale_by_rms(
       ``ValueError`` (the exact factor ``1 - prod(decay_i)`` would need one
       more number in the state).
     nu_dtype: dtype in which ``nu`` is stored (e.g. ``jnp.bfloat16`` halves
-      its memory); the arithmetic is done in float32 or wider regardless, and
-      the step divides by the stored (rounded) ``nu``. None keeps the
+      its memory); the step decodes it, updates it in float32 or wider and
+      divides by that exact value, rounding only what it stores. None keeps the
       parameters' (real) dtype.
     state_bits: 8 stores ``nu`` (and ``mu``) as 8-bit codes with a float32
       scale per block of 256 values; see :func:`rmsprop_jax.rmsprop`.
@@ -969,7 +1014,7 @@ def scale_by_rms(
     scale_by_learning_rate=False,
     rounding=rounding,
     state_bits=state_bits,
-    min_quantize_size=min_quantize_size,
+    min_quantize_size=quantize.MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size,
   )
   hp = Hyperparams(decay=decay, eps=eps, initial_scale=initial_scale, seed=seed)
   return fused_rmsprop(cfg, hp)

@@ -18,12 +18,19 @@ def test_demo_smoke_run_writes_results_and_plot(tmp_path, capsys):
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert set(on_disk) == names
   for r in on_disk.values():
-    assert {"final_loss", "test_accuracy", "wall_time_s"} <= set(r)
+    assert {"final_loss", "test_accuracy", "compile_time_s", "train_time_s", "ms_per_step"} <= set(r)
     assert 0.0 <= r["test_accuracy"] <= 1.0
     assert len(r["loss_curve"]) == 60
+    # 60 steps are a chunk of 50 and one of 10, both compiled before the clock starts
+    assert r["ms_per_step"] == pytest.approx(1e3 * r["train_time_s"] / 60)
+    assert r["compile_time_s"] > 0 and r["train_time_s"] > 0
   png = (tmp_path / "loss_curves.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "test accuracy" in printed and "rmsprop" in printed
+  width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+  assert width > 2 * height  # two panels side by side: the curves, and each storage against float32
+  for column in ("test accuracy", "compile (s)", "train (s)", "ms/step"):
+    assert column in printed
+  assert "rmsprop 8-bit state" in printed
   # even 60 steps beat chance (0.1) by far
   assert results["rmsprop"]["test_accuracy"] > 0.5
 

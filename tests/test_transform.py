@@ -325,7 +325,7 @@ def test_effective_learning_rate_refuses_eps_beside_an_optimizer_and_foreign_opt
   state = opt.init(jnp.zeros(2))
   with pytest.raises(TypeError, match="takes eps and eps_in_sqrt from opt"):
     rmsprop_jax.effective_learning_rate(state, opt, eps=1e-3)
-  with pytest.raises(TypeError, match="needs an optimizer built by rmsprop_jax"):
+  with pytest.raises(TypeError, match="opt.init reaches no rmsprop_jax transformation"):
     rmsprop_jax.effective_learning_rate(state, optax.rmsprop(0.1))
 
 
