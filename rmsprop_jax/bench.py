@@ -415,7 +415,8 @@ def _setup(case: str, impl: str, quick: bool) -> tuple[dict[str, Any], Callable[
 
     def scanned(p, s, g):
       def body(carry, _):
-        return step(*carry, g), None
+        p, s = carry
+        return step(p, s, g), None
 
       return jax.lax.scan(body, (p, s), None, length=length)[0]
 
@@ -483,6 +484,7 @@ def run_paired(
   for r in range(rounds):
     for impl in impls if r % 2 == 0 else impls[::-1]:
       _, call, steps = built[impl]
+      assert call is not None, f"{case!r} has no timed call"  # only UNPAIRED cases have none
       round_s[impl].append(_median_time(call, iters, warmup=1) / steps)
   return {
     impl: {**out, "time_s": statistics.median(round_s[impl]), "round_s": round_s[impl]}
@@ -833,9 +835,11 @@ def _run_scale_out(impl: str, quick: bool, iters: int) -> dict[str, Any]:
 
   def local_grads(shape):
     g = rng.standard_normal(shape, dtype=np.float32)
-    return jax.make_array_from_callback(
-      (n, *shape), per_device, lambda idx: (g * (1 + 0.1 * idx[0].start))[None]
-    )
+
+    def shard(idx):  # device i's gradient: g * (1 + 0.1 i)
+      return (g * (1 + 0.1 * idx[0].start))[None]
+
+    return jax.make_array_from_callback((n, *shape), per_device, shard)
 
   grads = {k: local_grads(s) for k, s in zip(params, shapes)}
   if impl == "zero1":
@@ -1040,8 +1044,9 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     row = _row(case, runs)
     med = row["median_s"]
     ours_key = _ours_key(med)
-    pairs = [paired_ratio(a, b) for a, b in zip(runs.get(ours_key, []), runs.get("optax", []))]
-    if pairs and None not in pairs:  # each process's paired ratio; their median
+    maybe = [paired_ratio(a, b) for a, b in zip(runs.get(ours_key, []), runs.get("optax", []))]
+    pairs = [r for r in maybe if r is not None]
+    if pairs and len(pairs) == len(maybe):  # each process's paired ratio; their median
       row["ratio_vs_optax"] = statistics.median(pairs)
       row["paired_ratios"] = pairs
       row["ratio_spread"] = (max(pairs) - min(pairs)) / row["ratio_vs_optax"]
