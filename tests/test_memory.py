@@ -55,7 +55,7 @@ OPTIONS = {
   "eps outside the root": {"eps_in_sqrt": False},
   "lr after momentum": {"momentum": 0.9, "lr_inside_momentum": False},
   "bias correction, centered and momentum": {"bias_correction": True, "centered": True, "momentum": 0.9},
-  "every option but coupled weight decay": {
+  "every option, weight decay decoupled": {
     "centered": True,
     "momentum": 0.9,
     "nesterov": True,
@@ -80,31 +80,9 @@ PRESETS = {
   ),
 }
 
-# Coupled weight decay reads the params in the loop that rewrites a narrow moment
-# as well as in the params' update. Measured on XLA:CPU (jax 0.10.2): XLA then keeps
-# a float32 copy of the params (4 B/param) besides the copy of the moment: bfloat16
-# nu 6.0 B/param (bound 2.1), 8-bit 5.02 (bound 1.12), 8-bit with momentum 5.56
-# (bound 2.13). Ordering the moment's loop first would need only the moment's copy.
-COUPLED_GAP = pytest.mark.xfail(
-  strict=True,
-  reason="coupled weight decay with narrow state: XLA:CPU keeps a float32 copy of the params (+4 B/param)",
-)
-KNOWN_GAPS = {
-  ("coupled weight decay", "bfloat16 nu"),
-  ("coupled weight decay", "8-bit"),
-  ("pytorch momentum and weight decay", "bfloat16 nu"),
-  ("pytorch momentum and weight decay", "8-bit"),
-}
-
 
 def _cases(variants: dict) -> list:
-  return [
-    pytest.param(
-      name, storage, marks=[COUPLED_GAP] if (name, storage) in KNOWN_GAPS else [], id=f"{name}, {storage}"
-    )
-    for name in variants
-    for storage in STORAGES
-  ]
+  return [pytest.param(name, storage, id=f"{name}, {storage}") for name in variants for storage in STORAGES]
 
 
 def narrow_moment_bytes(state) -> int:
