@@ -55,7 +55,7 @@ OPTIONS = {
   "eps outside the root": {"eps_in_sqrt": False},
   "lr after momentum": {"momentum": 0.9, "lr_inside_momentum": False},
   "bias correction, centered and momentum": {"bias_correction": True, "centered": True, "momentum": 0.9},
-  "every option but coupled weight decay": {
+  "every option, weight decay decoupled": {
     "centered": True,
     "momentum": 0.9,
     "nesterov": True,
@@ -79,10 +79,6 @@ PRESETS = {
     1e-3, momentum=0.9, nesterov=True, centered=True, bias_correction=True, **s
   ),
 }
-
-# Coupled weight decay reads the params in the loop that rewrites a narrow moment as
-# well as in the params' update (p + u, in place): the core orders the update after
-# that loop, so that XLA copies only the old moment, not the params (it did: +4 B/param).
 
 
 def _cases(variants: dict) -> list:
