@@ -15,6 +15,9 @@ to parameters by tree structure and shape, not by knowing the optimizer.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,6 +25,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from rmsprop_jax import quantize
+from rmsprop_jax.quantize import QuantizedArray
 
 # 2**14 float32 elements are 64 KiB: biases and norm scales (up to 16k wide)
 # stay put, where sharding would save little and cost a collective each.
@@ -124,13 +130,37 @@ def state_shardings(
   base = _base_specs(state, p_treedef, p_info)
   entry = axes[0] if len(axes) == 1 else axes
 
-  def sharding(leaf: jax.ShapeDtypeStruct, spec: _Spec) -> NamedSharding:
-    spec = _add_axis(tuple(leaf.shape), spec, axes, entry, n, min_size)
+  def sharding(
+    leaf: jax.ShapeDtypeStruct, spec: _Spec, keeps: Callable[[int], bool] | None = None
+  ) -> NamedSharding:
+    spec = _add_axis(tuple(leaf.shape), spec, axes, entry, n, min_size, keeps)
     while spec and spec[-1] is None:  # P("data"), not P("data", None)
       spec = spec[:-1]
     return NamedSharding(mesh, P(*spec))
 
-  return jax.tree.map(sharding, state, base)
+  def one(leaf: Any, spec: Any) -> Any:
+    if not isinstance(leaf, QuantizedArray):
+      return sharding(leaf, spec)
+    # 8-bit codes are split only where the split keeps their 256-value blocks whole.
+    keeps = functools.partial(_keeps_blocks, tuple(leaf.codes.shape), n)
+    codes, scale = jax.tree.leaves(leaf)  # ShapeDtypeStructs (the state is abstract)
+    specs = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(x, tuple))
+    out = [sharding(codes, specs[0], keeps), sharding(scale, specs[1])]
+    return jax.tree.unflatten(jax.tree.structure(leaf), out)  # a QuantizedArray of shardings
+
+  return jax.tree.map(one, state, base, is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+
+def _keeps_blocks(shape: tuple[int, ...], n: int, d: int) -> bool:
+  """Whether splitting dimension ``d`` of 8-bit codes of ``shape`` in ``n`` keeps blocks whole.
+
+  Blocks run along each row (``shape[0]`` rows of the rest, flattened) or, for
+  1-D and thin arrays, along the whole flattened array (:func:`quantize.scale_shape`).
+  """
+  flat = len(shape) < 2 or math.prod(shape[1:]) < quantize.BLOCK_SIZE
+  if flat:
+    return d == 0 and (math.prod(shape) // n) % quantize.BLOCK_SIZE == 0
+  return d == 0 or (d == 1 and (math.prod(shape[1:]) // n) % quantize.BLOCK_SIZE == 0)
 
 
 # ---------------------------------------------------------------- arguments
@@ -275,13 +305,15 @@ def _add_axis(
   entry: str | tuple[str, ...],
   n: int,
   min_size: int,
+  keeps: Callable[[int], bool] | None = None,
 ) -> _Spec:
-  """``spec`` with ``entry`` on the largest free dimension divisible by ``n``."""
+  """``spec`` with ``entry`` on the largest free dimension divisible by ``n`` (and ``keeps``)."""
   if n == 1 or int(np.prod(shape, dtype=np.int64)) < max(min_size, 1):
     return spec
   if _used_axes(spec) & set(axes):
     return spec
   free = [d for d, e in enumerate(spec) if e is None and shape[d] >= n and shape[d] % n == 0]
+  free = [d for d in free if keeps is None or keeps(d)]
   if not free:
     return spec
   d = max(free, key=lambda i: (shape[i], -i))
