@@ -32,7 +32,7 @@ import pytest
 
 import rmsprop_jax
 from rmsprop_jax import presets
-from rmsprop_jax.quantize import QuantizedArray
+from rmsprop_jax.bench import narrow_moment_bytes  # the bytes of one copy of each narrow moment
 
 PARAMS = {f"w{i}": jax.ShapeDtypeStruct((256, 512), jnp.float32) for i in range(4)}
 N_PARAMS = sum(int(np.prod(p.shape)) for p in PARAMS.values())
@@ -83,22 +83,6 @@ PRESETS = {
 
 def _cases(variants: dict) -> list:
   return [pytest.param(name, storage, id=f"{name}, {storage}") for name in variants for storage in STORAGES]
-
-
-def narrow_moment_bytes(state) -> int:
-  """Bytes of the moments stored narrower than float32: one copy of each is allowed.
-
-  8-bit moments count their codes and block scales, plain moments count when
-  their dtype is narrower than float32 (bfloat16 ``nu``); float32 moments, the
-  step count and anything else count nothing.
-  """
-  total = 0
-  for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, QuantizedArray)):
-    if isinstance(x, QuantizedArray):
-      total += x.codes.size * x.codes.dtype.itemsize + x.scale.size * x.scale.dtype.itemsize
-    elif jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
-      total += x.size * x.dtype.itemsize
-  return total
 
 
 def step_temp_bytes(opt) -> tuple[int, int]:
