@@ -479,12 +479,18 @@ def _leaf_plan(shape: tuple[int, ...], dtype: jax.typing.DTypeLike, cfg: Config)
 
 
 def _zero_from(x: jax.Array) -> jax.Array:
-  """int32 0, computed from ``x``'s first entry (whatever it holds, NaN included)."""
-  x0 = jnp.ravel(x)[0]
-  if jnp.issubdtype(x0.dtype, jnp.floating):
-    x0 = lax.bitcast_convert_type(x0, jnp.dtype(f"int{8 * x0.dtype.itemsize}"))
-  nonnegative = lax.shift_right_logical(lax.convert_element_type(x0, jnp.int32), np.int32(1))
-  return lax.min(nonnegative, np.int32(0))
+  """int32 0, computed from ``x``'s first entries (whatever they hold, NaN included).
+
+  The first entry; along dimensions an explicit mesh shards, all of them (a
+  slice of a sharded dimension must keep it whole), reduced with ``min``.
+  """
+  spec = tuple(quantize._explicit_spec(x) or ())
+  limits = tuple(n if d < len(spec) and spec[d] is not None else 1 for d, n in enumerate(x.shape))
+  part = lax.slice(x, (0,) * x.ndim, limits)
+  if jnp.issubdtype(part.dtype, jnp.floating):
+    part = lax.bitcast_convert_type(part, jnp.dtype(f"int{8 * part.dtype.itemsize}"))
+  nonnegative = lax.shift_right_logical(lax.convert_element_type(part, jnp.int32), np.int32(1))
+  return jnp.min(lax.min(nonnegative, np.int32(0)))
 
 
 def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[_Known], tuple[_Ins, _Known]]:
