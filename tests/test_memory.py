@@ -34,6 +34,9 @@ import rmsprop_jax
 from rmsprop_jax import presets
 from rmsprop_jax.bench import narrow_moment_bytes  # the bytes of one copy of each narrow moment
 
+# What the current XLA compiles (see pyproject.toml): run with the current releases.
+pytestmark = pytest.mark.xla_current
+
 PARAMS = {f"w{i}": jax.ShapeDtypeStruct((256, 512), jnp.float32) for i in range(4)}
 N_PARAMS = sum(int(np.prod(p.shape)) for p in PARAMS.values())
 EVERYTHING = 0.1  # B/param of temporaries allowed besides the copies of narrow moments

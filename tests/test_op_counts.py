@@ -47,6 +47,9 @@ import pytest
 
 import rmsprop_jax
 
+# What the current XLA compiles (see pyproject.toml): run with the current releases.
+pytestmark = pytest.mark.xla_current
+
 _NAME = r'@("[^"]+"|[\w.$-]+)'  # a symbol, quoted if it is not an identifier (@"<lambda>")
 _FUNC = re.compile(r"^\s*func\.func (?:public |private )?" + _NAME + r"\(")
 _CALL = re.compile(r"^\s*(?:%[\w#:, %]+ = )?(?:func\.)?call " + _NAME + r"\(")

@@ -22,6 +22,9 @@ import pytest
 import rmsprop_jax
 from rmsprop_jax.quantize import QuantizedArray
 
+# What the current XLA compiles (see pyproject.toml): run with the current releases.
+pytestmark = pytest.mark.xla_current
+
 SHAPES = {"w": (64, 96), "b": (96,)}
 STEPS = 3
 STORAGES = {
