@@ -120,11 +120,15 @@ def _as_u32(v: jax.typing.ArrayLike) -> jax.Array:
 def _global_index(shape: tuple[int, ...], sharding: jax.sharding.NamedSharding | None = None) -> jax.Array:
   """Each element's row-major index in the whole array (mod 2**32), as uint32.
 
-  Built from ``broadcasted_iota`` along each dimension, so under a sharded
-  ``jit`` every shard computes its own elements' global indices.
+  One ``iota`` of the flattened array, reshaped; under a mesh with explicit
+  axes, the sum of a ``broadcasted_iota`` per dimension (each typed with the
+  array's sharding), so that every shard computes its own elements' global
+  indices. Both give the same numbers.
   """
   if not shape:
     return jnp.zeros((), jnp.uint32)
+  if sharding is None:  # two ops, however many dimensions
+    return lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   terms = []  # last dimension first: the sum is ((last + ...) + first)
   stride = 1
   for d in reversed(range(len(shape))):

@@ -25,9 +25,9 @@ storage                         plain  centered + momentum
 ==============================  =====  ======================
 optax.rmsprop (measured below)  16     29
 float32                         16     32
-bfloat16 nu, stochastic         87     113
+bfloat16 nu, stochastic         83     109
 bfloat16 nu, nearest            47     73
-8-bit, stochastic               179    677
+8-bit, stochastic               175    665
 8-bit, nearest                  176    624
 ==============================  =====  ======================
 
@@ -120,12 +120,12 @@ STORAGES = {
 BOUNDS = {
   ("float32", "plain"): 18,
   ("float32", "centered+momentum"): 35,
-  ("bfloat16 nu stochastic", "plain"): 96,
-  ("bfloat16 nu stochastic", "centered+momentum"): 125,
+  ("bfloat16 nu stochastic", "plain"): 91,
+  ("bfloat16 nu stochastic", "centered+momentum"): 120,
   ("bfloat16 nu nearest", "plain"): 52,
   ("bfloat16 nu nearest", "centered+momentum"): 80,
-  ("8-bit stochastic", "plain"): 197,
-  ("8-bit stochastic", "centered+momentum"): 745,
+  ("8-bit stochastic", "plain"): 193,
+  ("8-bit stochastic", "centered+momentum"): 732,
   ("8-bit nearest", "plain"): 194,
   ("8-bit nearest", "centered+momentum"): 687,
 }
