@@ -820,21 +820,30 @@ def full(
   """
   shape = tuple(int(d) for d in shape)
   _layout(shape)  # refuses scalars
+  dtype = np.dtype(np.int8 if signed else np.uint8)
   name = _default_code(code, bool(signed))
-  cm = _code_map(name, bool(signed))
-  one = _encode(jnp.asarray([cm.top], jnp.float32), cm, name, None)[0]  # the code of +1
-  dtype = jnp.int8 if signed else jnp.uint8
-  v = jnp.asarray(value, jnp.float32)
-  one = lax.convert_element_type(one, dtype)
-  code_v = lax.select(lax.gt(v, np.float32(0)), one, lax.convert_element_type(0, dtype))
-  if signed:
-    code_v = lax.select(lax.lt(v, np.float32(0)), lax.neg(one), code_v)
+  v = lax.convert_element_type(value, jnp.float32)
+  unit = lambda sign: np.asarray(_code_of_unit(name, bool(signed), sign), dtype)
+  code_v = lax.select(lax.gt(v, np.float32(0)), unit(1), np.zeros((), dtype))
+  if signed:  # -1's code: not always -(+1's), "dynamic" is not symmetric
+    code_v = lax.select(lax.lt(v, np.float32(0)), unit(-1), code_v)
   mag = lax.abs(v)
   return QuantizedArray(
     _filled(shape, code_v, like),
     _filled(scale_shape(shape), mag, like, blocks=True),
     _code_field(code, bool(signed)),
   )
+
+
+@functools.cache
+def _code_of_unit(code: str, signed: bool, sign: int) -> int:
+  """The code a block's extreme ``sign`` (+1 or -1) quantizes to, a static int.
+
+  The map's largest (smallest) value: +1 in every map, -1 in the symmetric
+  ones; signed ``"dynamic"`` reaches down to -0.993 only, where quantize clips.
+  """
+  k = int(np.nanargmax(code_values(code, signed) * sign))
+  return k - 256 if signed and k >= 128 else k
 
 
 def _filled(
@@ -852,11 +861,14 @@ def _filled(
       sharding = _scale_sharding(sharding, tuple(like.shape))
     return jnp.full(shape, value, value.dtype, device=sharding)
   src = jnp.asarray(like.real if jnp.iscomplexobj(like) else like)  # a NumPy array from an eager caller
-  if blocks:  # one entry of each block: the scale's shape, sharded as its blocks are
-    src = _block_view(src, _layout(tuple(like.shape)), 0)[..., 0].reshape(shape)
+  if blocks:  # the first entry of each block: the scale's shape, sharded as its blocks are
+    lay = _layout(tuple(like.shape))
+    rows = _gathered_for_blocks(src, lay).reshape(lay.rows, lay.length)
+    src = lax.slice(rows, (0, 0), (lay.rows, lay.length), (1, BLOCK_SIZE)).reshape(shape)
   # A select on ``like`` (always false) carries its sharding; XLA folds it away after
-  # propagating shardings, so nothing of ``like`` is read.
-  keep = jnp.zeros_like(src, dtype=bool)
+  # propagating shardings, so nothing of ``like`` is read. (``jnp.where``, not
+  # ``lax.select``: its call keeps the select from being folded before propagation.)
+  keep = jnp.zeros(src.shape, dtype=bool)
   return jnp.where(keep, lax.convert_element_type(src, value.dtype), value)
 
 

@@ -743,18 +743,13 @@ def _stored_dtype(x: Stored) -> jax.typing.DTypeLike:
 def _full_like(
   p: jax.Array | np.ndarray | jax.ShapeDtypeStruct, value: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike
 ) -> jax.Array:
-  """An array of ``value`` shaped and placed like ``p``.
+  """An array of ``value`` shaped and placed like ``p`` (an array or a ``jax.ShapeDtypeStruct``).
 
-  ``p`` may be a ``jax.ShapeDtypeStruct`` (with or without a sharding). For an
-  array, a plain ``jnp.full_like`` has no data dependence on ``p`` under
-  ``jit``, so XLA would place it on one device; selecting from ``p`` lets
-  sharding propagate from ``p``.
+  For an array, a plain ``jnp.full_like`` has no data dependence on ``p``
+  under ``jit``, so XLA would place it on one device; a select from ``p``
+  (always false, folded away) lets sharding propagate from ``p``.
   """
-  if isinstance(p, jax.ShapeDtypeStruct):
-    return jnp.full(p.shape, value, dtype, device=p.sharding)
-  src = p.real if jnp.iscomplexobj(p) and not jnp.issubdtype(dtype, jnp.complexfloating) else p
-  keep = jnp.zeros(p.shape, dtype=bool)
-  return jnp.where(keep, src.astype(dtype), jnp.asarray(value, dtype=dtype))
+  return quantize._filled(tuple(p.shape), lax.convert_element_type(value, dtype), p)
 
 
 def _init_tree(params: optax.Params, initial_scale: jax.typing.ArrayLike, cfg: Config) -> RMSPropState:

@@ -712,3 +712,19 @@ def test_rmsprop_8bit_step_moves_25_bytes_per_param():
     return jax.jit(step, donate_argnums=(0, 1)).lower(p, opt.init(p), p).compile()
 
   assert_passes(compiled_for, 25)
+
+
+@pytest.mark.parametrize("code", MAPS)
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_full_writes_down_what_quantize_computes(code, signed):
+  """``full`` (the initial state, no block maximum computed) is ``quantize`` of the constant
+  array: the same codes (+-1's code of the map, or 0) and scales, eager and under jit."""
+  values = [0.0, 0.5, 1e-3] + ([-0.25] if signed else [])
+  jitted = jax.jit(functools.partial(qz.full, signed=signed, code=code), static_argnums=0)
+  for shape in [(300,), (2, 300), (3, 3, 4, 32)]:
+    for v in values:
+      ref = qz.quantize(jnp.full(shape, v, jnp.float32), signed=signed, code=code)
+      for q in (qz.full(shape, v, signed=signed, code=code), jitted(shape, jnp.float32(v))):
+        assert q.codes.dtype == ref.codes.dtype and q.code == ref.code
+        np.testing.assert_array_equal(q.codes, ref.codes, err_msg=f"{shape} {v}")
+        np.testing.assert_array_equal(q.scale, ref.scale, err_msg=f"{shape} {v}")
