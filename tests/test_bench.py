@@ -201,3 +201,33 @@ def test_scale_summary_gives_ratios_to_optax_and_the_train_step_target():
   assert entry["train_target"] == 20.0 - (8.0 - 2.0) and entry["train_excess"] == 0.5
   text = bench.format_table(list(rows.values()), res)
   assert "3.00 s (1.50x)" in text and "peak_bytes_momentum" in text and "0.50" in text
+
+
+@pytest.mark.xla_current  # XLA's loop names and trace events: the current releases
+def test_profile_step_reports_each_compiled_loop():
+  """benchmarks/profile_step.py, tiny: both implementations' loops appear with their counts
+  (XLA's per-thunk trace events, read from the profiler's trace; no timing asserted)."""
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  script = Path(__file__).parent.parent / "benchmarks" / "profile_step.py"
+  args = [
+    "--impl",
+    "ours_8bit",
+    "--options",
+    "momentum",
+    "--leaves",
+    "2",
+    "--shape",
+    "64x256",
+    "--steps",
+    "1",
+  ]
+  out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  optax_part, ours_part = out.stdout.split("\nours_8bit: ")
+  assert "per step  multiply_add_fusion" in optax_part
+  loops = [line for line in ours_part.splitlines()[1:] if "fusion" in line and "end:" not in line]
+  # 8-bit momentum: the nu bound, the trace's block max, both moments' codes, the update
+  assert len(loops) >= 5, ours_part
