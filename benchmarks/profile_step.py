@@ -68,7 +68,8 @@ def loop_times(impl: str, options: str, leaves: int, shape: tuple[int, ...], ste
   count: collections.Counter[str] = collections.Counter()
   for e in events:
     name = e.get("name", "")
-    if e.get("ph") != "X" or not (name.endswith("fusion") or "fusion." in name or name.startswith("copy")):
+    is_loop = name.endswith("fusion") or "fusion." in name or name.startswith("copy")
+    if e.get("ph") != "X" or not is_loop or name.startswith("end: "):  # "end: x": x's completion
       continue
     loop = re.sub(r"\.\d+$", "", name)
     total[loop] += e["dur"] / 1e3 / steps  # microseconds -> ms per step
