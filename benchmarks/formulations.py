@@ -1,4 +1,4 @@
-"""Two formulations measured against the narrow storages' compile time and copy.
+"""Formulations measured against the narrow storages' compile time and copy.
 
 1. ``stacked``: the state of same-shaped leaves kept stacked, the gradients
    and params stacked inside each step and the updates sliced back. Prints
@@ -7,9 +7,14 @@
    the loop that writes ``nu`` reading one element of the new params (a data
    dependency that lets XLA overwrite ``nu`` in place). Prints temporaries and
    XLA's bytes per param, and the median step time beside float32.
+3. ``copy_train``: the same two steps inside whole MLP train steps (the
+   gradients computed in the same program), compiled from abstract shapes:
+   temporaries and peak bytes per param of the optimizer step alone and of
+   the train step, for several MLP sizes.
 
-Run: ``python benchmarks/formulations.py [stacked] [copy]`` (about 1 min on
-2 cores). Results: benchmarks/README.md, "Two formulations tried".
+Run: ``python benchmarks/formulations.py [stacked] [copy] [copy_train]``
+(about 1.5 min on 2 cores). Results: benchmarks/README.md, "Formulations
+tried".
 """
 
 import statistics
@@ -132,9 +137,58 @@ def run_copy(leaves: int = 60, repeats: int = 5, steps: int = 10) -> None:
     print(f"{name:<22} step {1e3 * statistics.median(ts):6.2f} ms (median of {repeats} rounds)")
 
 
+def _peak(compiled) -> int:
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def run_copy_train(
+  sizes=((6, 2048, 32), (6, 2048, 256), (12, 1024, 64), (4, 4096, 16), (24, 512, 128)),
+) -> None:
+  variants = {
+    "float32 nu": (False, False),
+    "bfloat16 nu": (True, False),
+    "bfloat16 nu, ordered": (True, True),
+  }
+  for layers, width, batch in sizes:
+    shapes = [s for _ in range(layers) for s in ((width, width), (1, width))]
+    n = sum(a * b for a, b in shapes)
+    ps = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    xy = jax.ShapeDtypeStruct((batch, width), jnp.float32)
+
+    def loss(ps, x, y):
+      h = x
+      for i in range(0, len(ps), 2):
+        h = h @ ps[i] + ps[i + 1]
+        if i + 2 < len(ps):
+          h = jax.nn.relu(h)
+      return jnp.mean((h - y) ** 2)
+
+    print(f"MLP {layers} layers of {width}x{width}, batch {batch} (B/param)")
+    for name, (narrow, ordered) in variants.items():
+
+      def opt_step(ps, nus, gs, narrow=narrow, ordered=ordered):
+        out = [_leaf(p, nu, g, narrow, ordered) for p, nu, g in zip(ps, nus, gs)]
+        return [o[0] for o in out], [o[1] for o in out]
+
+      def train_step(ps, nus, x, y, opt_step=opt_step):
+        return opt_step(ps, nus, jax.grad(loss)(ps, x, y))
+
+      nus = [jax.ShapeDtypeStruct(s, jnp.bfloat16 if narrow else jnp.float32) for s in shapes]
+      step = jax.jit(opt_step, donate_argnums=(0, 1)).lower(ps, nus, ps).compile()
+      train = jax.jit(train_step, donate_argnums=(0, 1)).lower(ps, nus, xy, xy).compile()
+      print(
+        f"  {name:<22} optimizer step: temporaries {step.memory_analysis().temp_size_in_bytes / n:4.2f},"
+        f" peak {_peak(step) / n:5.2f}   train step: temporaries"
+        f" {train.memory_analysis().temp_size_in_bytes / n:4.2f}, peak {_peak(train) / n:5.2f}"
+      )
+
+
 if __name__ == "__main__":
-  which = sys.argv[1:] or ["stacked", "copy"]
+  which = sys.argv[1:] or ["stacked", "copy", "copy_train"]
   if "stacked" in which:
     run_stacked()
   if "copy" in which:
     run_copy()
+  if "copy_train" in which:
+    run_copy_train()
