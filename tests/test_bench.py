@@ -231,3 +231,30 @@ def test_profile_step_reports_each_compiled_loop():
   loops = [line for line in ours_part.splitlines()[1:] if "fusion" in line and "end:" not in line]
   # 8-bit momentum: the nu bound, the trace's block max, both moments' codes, the update
   assert len(loops) >= 5, ours_part
+
+
+@pytest.mark.xla_current  # XLA's pass names and log lines: the current releases
+def test_compile_passes_reads_each_pass_time_from_xla_log():
+  """benchmarks/compile_passes.py, tiny: a 2-leaf compile logs its HLO passes, the verifier
+  included, and the temporaries of the donated step come back (no timing asserted)."""
+  import importlib.util
+  from pathlib import Path
+
+  path = Path(__file__).parent.parent / "benchmarks" / "compile_passes.py"
+  spec = importlib.util.spec_from_file_location("compile_passes", path)
+  assert spec is not None and spec.loader is not None
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  out = mod.run("bfloat16 nu", 2)
+  assert {"fusion", "copy-insertion", "layout-assignment", "<verifier>"} <= set(out["passes_ms"])
+  assert all(v >= 0 for v in out["passes_ms"].values())
+  assert out["temp_b_per_param"] >= 0 and out["compile_s"] > 0
+  log = (
+    "I1204 06:15:36.166763 1 hlo_pass_pipeline.cc:86]     Invariant checker hlo-verifier\n"
+    "I1204 06:15:36.170581 1 hlo_pass_pipeline.cc:89]     Invariant checker done hlo-verifier\n"
+    "I1204 06:15:36.260179 1 hlo_pass_pipeline.cc:176] HLO pass: fusion time: 89.6 ms (89569 us)\n"
+    "I1204 06:15:36.262516 1 hlo_pass_pipeline.cc:176] HLO pass: fusion time: 250 us (250 us)\n"
+  )
+  times = mod.pass_times(log)
+  assert times["fusion"] == pytest.approx(89.85)
+  assert times["<verifier>"] == pytest.approx(3.818, abs=1e-6)
