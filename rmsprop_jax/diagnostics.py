@@ -12,15 +12,12 @@ import optax
 
 from rmsprop_jax import _checks
 from rmsprop_jax.quantize import QuantizedArray
+from rmsprop_jax.storage import as_stored, is_centered_variance, is_stored_leaf, load
 from rmsprop_jax.transform import (
   Config,
   Hyperparams,
   RMSPropState,
-  as_stored,
-  is_centered_variance,
-  is_stored_leaf,
   last_step_size,
-  load,
   recorded_settings,
   settings_of,
 )

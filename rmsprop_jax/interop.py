@@ -42,7 +42,8 @@ import optax
 from rmsprop_jax import presets, quantize
 from rmsprop_jax.diagnostics import dequantize_state
 from rmsprop_jax.quantize import QuantizedArray
-from rmsprop_jax.transform import RMSPropState, Stored, is_centered_variance
+from rmsprop_jax.storage import Stored, is_centered_variance
+from rmsprop_jax.transform import RMSPropState
 
 __all__ = ["from_keras", "from_torch", "to_keras", "to_torch"]
 

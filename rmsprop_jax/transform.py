@@ -1,21 +1,16 @@
-"""The core: RMSProp's state, its per-leaf steps, and the fused update.
+"""RMSProp's state, its settings, the tree update and the transformations built on it.
 
 Everything RMSProp-like in this package is one transformation, built here by
 :func:`fused_rmsprop` from a static :class:`Config` (hashable flags: which
-steps run, in which order) and :class:`Hyperparams` (the user's numbers, which
-may be floats, arrays, tracers or schedules). It computes, per leaf and in this
-order, the same chain as optax's ``chain(scale_by_rms | scale_by_stddev,
-scale_by_learning_rate, trace)``:
+steps run, how the state is stored) and :class:`Hyperparams` (the user's
+numbers, which may be floats, arrays, tracers or schedules). Each update
+first evaluates this step's numbers (:func:`step_scalars`: the schedules,
+``1 - decay``, the bias correction), then runs one leaf's step
+(:func:`rmsprop_jax.leaf.leaf_step`) on every leaf, each moment stored as
+:mod:`rmsprop_jax.storage` decides. On CPU the leaves are lowered by
+:mod:`rmsprop_jax.cpu_recompute`; every other backend gets the step as written.
 
-1. ``_direction``: the gradient RMSProp sees (maximize, coupled weight decay);
-2. ``_ema``: the second moment ``nu`` (and the first moment ``mu`` if centered);
-3. ``_rms_scale``: ``1 / sqrt(nu + eps)`` or ``1 / (sqrt(nu) + eps)``;
-4. ``_momentum`` and the learning rate, in either order;
-5. decoupled weight decay.
-
-Each update first evaluates this step's numbers (:func:`step_scalars`: the
-schedules, ``1 - decay``, the bias correction) and then runs the tree update
-(:func:`_update_tree`) as ``jax.jit(..., inline=True)``: called eagerly, and
+The tree update runs as ``jax.jit(..., inline=True)``: called eagerly, and
 under an un-jitted ``vmap`` or ``grad``, it is one cached XLA program (the
 numbers are its arguments, so new values and new schedule objects reuse it);
 inside a user's ``jit`` or ``scan`` it is inlined into the caller's program.
@@ -26,7 +21,7 @@ from __future__ import annotations
 import contextvars
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -35,8 +30,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from rmsprop_jax import _checks, quantize
+from rmsprop_jax import _checks, cpu_recompute, leaf, quantize, storage
+from rmsprop_jax.leaf import Consts, Given, Inputs, StoredMoments, consts_factory, leaf_step
 from rmsprop_jax.quantize import QuantizedArray
+from rmsprop_jax.storage import Plan, Stored, as_stored, is_stored_leaf
 
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 ROUNDINGS = ("stochastic", "nearest")
@@ -81,6 +78,7 @@ class Config(NamedTuple):
   rounding: str = "stochastic"
   state_bits: int | None = None
   min_quantize_size: int = quantize.MIN_QUANTIZE_SIZE
+  cpu_recompute: bool = True  # lower for CPU with rmsprop_jax.cpu_recompute
 
 
 class Hyperparams(NamedTuple):
@@ -164,458 +162,8 @@ def step_scalars(hp: Hyperparams, count: chex.Array, cfg: Config) -> StepScalars
 
 
 # ---------------------------------------------------------------------------
-# Per-leaf steps. They use `lax` primitives on arrays of one dtype with
-# scalar constants of that dtype (`_Consts`): tracing a 600-leaf update then
-# costs a fraction of what `jnp` operators (each a small jit of its own) cost.
-# ---------------------------------------------------------------------------
-
-
-class _Consts(NamedTuple):
-  """A step's scalars as 0-d arrays of one dtype (None where unused)."""
-
-  s: StepScalars
-  zero: jax.Array
-  one: jax.Array
-
-
-def _consts_factory(scalars: StepScalars) -> Callable[[jnp.dtype], _Consts]:
-  """``dtype -> _Consts``, converting each scalar once per dtype."""
-
-  @functools.cache
-  def consts(dtype: jnp.dtype) -> _Consts:
-    conv = lambda v: None if v is None else lax.convert_element_type(v, dtype)
-    floats = scalars._replace(seed=None, count=None)
-    converted = StepScalars(*map(conv, floats))._replace(seed=scalars.seed, count=scalars.count)
-    return _Consts(converted, lax.convert_element_type(0.0, dtype), lax.convert_element_type(1.0, dtype))
-
-  return consts
-
-
-def _compute_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
-  """float32 for low-precision floats, else the dtype itself (complex kept)."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _real_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
-  return jnp.finfo(dtype).dtype
-
-
-def _cast(x: jax.Array, dtype: jax.typing.DTypeLike) -> jax.Array:
-  """``x.astype(dtype)``, skipped (no trace work) when it is already that."""
-  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
-
-
-def _abs_sq(x: jax.Array) -> jax.Array:
-  """``|x|**2``, real for complex ``x`` (as optax's ``numerics.abs_sq``)."""
-  if jnp.iscomplexobj(x):
-    return lax.real(lax.mul(lax.conj(x), x))
-  return lax.mul(x, x)
-
-
-def _direction(g: jax.Array, p: jax.Array | None, c: _Consts, cfg: Config) -> jax.Array:
-  """The gradient the moments see: ``-g`` if maximizing, plus ``wd * p``."""
-  if cfg.maximize:
-    g = lax.neg(g)
-  if cfg.weight_decay == "coupled":
-    assert p is not None  # _update_tree refuses params=None with weight decay
-    g = lax.add(g, lax.mul(c.s.weight_decay, _cast(p, g.dtype)))
-  return g
-
-
-def _ema(moment: jax.Array, x: jax.Array, c: _Consts) -> jax.Array:
-  """``decay * moment + (1 - decay) * x``, in optax's operand order."""
-  return lax.add(lax.mul(c.s.one_minus_decay, x), lax.mul(c.s.decay, moment))
-
-
-def _debias(moment: jax.Array, c: _Consts) -> jax.Array:
-  return moment if c.s.bias_corr is None else lax.div(moment, c.s.bias_corr)
-
-
-def _rms_scale(nu_hat: jax.Array, mu_hat: jax.Array | None, r: _Consts, cfg: Config) -> jax.Array:
-  """The preconditioner ``1 / sqrt(nu - |mu|^2 + eps)`` (or eps outside)."""
-  var = nu_hat
-  if mu_hat is not None:
-    # The variance is >= 0 in exact arithmetic; rounding may push it below.
-    var = lax.max(lax.sub(nu_hat, _abs_sq(mu_hat)), r.zero)
-  return _inv_rms(var, r, cfg)
-
-
-def _inv_rms(var: jax.Array, r: _Consts, cfg: Config) -> jax.Array:
-  """``1 / sqrt(var + eps)``, or ``1 / (sqrt(var) + eps)``, for ``var >= 0``."""
-  if cfg.eps_in_sqrt:
-    denom = lax.add(var, r.s.eps)
-    scale = lax.rsqrt(denom)
-  else:
-    denom = lax.add(lax.sqrt(var), r.s.eps)
-    scale = lax.div(r.one, denom)
-  if cfg.safe_divide:  # eps may be 0: a zero denominator scales by 0, not inf
-    scale = lax.select(lax.gt(denom, lax.full_like(denom, 0)), scale, lax.full_like(scale, 0))
-  return scale
-
-
-def _momentum(u: jax.Array, trace: jax.Array, c: _Consts, cfg: Config) -> tuple[jax.Array, jax.Array]:
-  """Heavy-ball (or Nesterov) momentum: ``trace = u + momentum * trace``."""
-  trace = lax.add(u, lax.mul(c.s.momentum, trace))
-  out = lax.add(u, lax.mul(c.s.momentum, trace)) if cfg.nesterov else trace
-  return out, trace
-
-
-# ---------------------------------------------------------------------------
-# Storage: each moment is kept in its parameter's dtype, in ``nu_dtype``, or
-# as 8-bit block codes; it is computed in float32 (or wider) either way, and
-# rounded to storage stochastically unless ``rounding="nearest"``.
-# ---------------------------------------------------------------------------
-
-_STREAMS = {"nu": 0, "mu": 1, "trace": 2}  # one stream of random bits per moment
-
-Stored: TypeAlias = jax.Array | QuantizedArray
-"""One stored moment of one leaf: an array, or 8-bit codes and their block scales."""
-
-_Known: TypeAlias = dict[str, jax.Array]  # new moments computed and stored exactly, by name
-
-
-class _Store(NamedTuple):
-  """How one moment of one leaf is stored (static, decided from its shape)."""
-
-  dtype: jnp.dtype  # storage dtype of a plain array (unused when quantized)
-  quantized: bool  # 8-bit codes and block scales
-  signed: bool  # signed codes (first moments) or not (nu)
-  narrow: bool  # stored narrower than computed: the stored value is a rounding
-
-
-def _quantizable(shape: tuple[int, ...], dtype: jax.typing.DTypeLike, cfg: Config) -> bool:
-  """8-bit storage for real leaves of rank >= 1 with >= min_quantize_size entries."""
-  return (
-    cfg.state_bits == 8
-    and len(shape) >= 1
-    and int(np.prod(shape)) >= cfg.min_quantize_size
-    and not jnp.issubdtype(dtype, jnp.complexfloating)
-  )
-
-
-def _store_for(moment: str, p_shape: tuple[int, ...], p_dtype: jax.typing.DTypeLike, cfg: Config) -> _Store:
-  real = _real_dtype(p_dtype)
-  dtype = jnp.dtype((cfg.nu_dtype or real) if moment == "nu" else p_dtype)
-  quantized = _quantizable(p_shape, p_dtype, cfg)
-  compute = _real_dtype(_compute_dtype(p_dtype)) if moment == "nu" else _compute_dtype(p_dtype)
-  narrow = quantized or (
-    not jnp.issubdtype(dtype, jnp.complexfloating) and jnp.finfo(dtype).bits < jnp.finfo(compute).bits
-  )
-  return _Store(dtype, quantized, moment != "nu", narrow)
-
-
-def load(x: Stored, dtype: jax.typing.DTypeLike) -> jax.Array:
-  """A stored moment in compute dtype ``dtype`` (dequantized if 8-bit)."""
-  if isinstance(x, QuantizedArray):
-    return _cast(quantize.dequantize(x), dtype)
-  return _cast(x, dtype)
-
-
-def _stochastic(st: _Store, cfg: Config) -> bool:
-  """Whether this moment's storage draws random bits (its rounding is stochastic)."""
-  return st.narrow and cfg.rounding == "stochastic" and (st.quantized or jnp.finfo(st.dtype).bits < 32)
-
-
-def _bits(x: jax.Array, key: jax.Array | None) -> jax.Array | None:
-  if key is None:
-    return None
-  return quantize.bits_from_key(key, x.shape, out_sharding=quantize._explicit_sharding(x))
-
-
-def _round(x: jax.Array, st: _Store, key: jax.Array | None) -> jax.Array:
-  """A computed moment rounded to a plain storage dtype (unbiased unless nearest)."""
-  if not st.narrow or jnp.iscomplexobj(x) or jnp.finfo(st.dtype).bits >= 32:
-    return _cast(x, st.dtype)
-  return quantize.round_to(x, st.dtype, _bits(x, key))
-
-
-def _centered_variance(v: jax.Array, mu: jax.Array, r: _Consts) -> jax.Array:
-  """``nu_hat - mu_hat**2`` from ``v = nu - mu**2``, debiased as the float path does."""
-  if r.s.bias_corr is None:
-    return v
-  # nu / bc - mu**2 / bc**2 = v / bc - mu**2 (1 - bc) / bc**2, clamped as rounding may cross 0.
-  bc = r.s.bias_corr
-  var = lax.sub(lax.div(v, bc), lax.div(lax.mul(_abs_sq(mu), lax.sub(r.one, bc)), lax.mul(bc, bc)))
-  return lax.max(var, r.zero)
-
-
-class _Plan(NamedTuple):
-  """How one leaf's moments are stored (None where unused)."""
-
-  nu: _Store
-  mu: _Store | None
-  trace: _Store | None
-
-  @property
-  def variance(self) -> bool:
-    """Centered with 8-bit moments: nu's slot keeps ``v = nu - mu**2`` (see ``_Step.nu``)."""
-    return self.mu is not None and self.nu.quantized
-
-  @property
-  def narrow(self) -> bool:
-    return any(st is not None and st.narrow for st in self)
-
-
-class _Ins(NamedTuple):
-  """One leaf's inputs, as stored (None where unused)."""
-
-  g: jax.Array
-  p: jax.Array | None
-  nu: Stored
-  mu: Stored | None
-  trace: Stored | None
-
-
-class _Step:
-  r"""One leaf's exact step, in float32 (or wider), from its stored inputs.
-
-  Every value is computed when first asked for: the new moments from the
-  decoded stored ones and this gradient, the preconditioner and the update.
-  ``known`` holds new moments already computed and stored exactly (moments
-  stored at compute precision), which are read instead of recomputed.
-
-  Centered RMSProp with 8-bit moments keeps the variance
-  :math:`v = \nu - \mu^2` in ``nu``'s slot: ``nu - mu**2`` of two 8-bit
-  moments (codes 6-12% apart) cancels where the variance is small next to
-  ``nu``, rounding to 0 (a step of ``g / sqrt(eps)``). It is updated by the
-  exact identity (Welford's, with exponential weights)
-
-  .. math::
-
-    v_t = \gamma\,\big(v_{t-1} + (1 - \gamma)\,(g_t - \mu_{t-1})^2\big)
-
-  which subtracts nothing that can cancel; ``dequantize_state`` returns
-  :math:`\nu = v + \mu^2`.
-  """
-
-  def __init__(self, ins: _Ins, known: _Known, c: _Consts, r: _Consts, cfg: Config, plan: _Plan):
-    self.ins, self.known, self.c, self.r, self.cfg, self.plan = ins, known, c, r, cfg, plan
-
-  @functools.cached_property
-  def g(self) -> jax.Array:
-    """The gradient the moments see (maximize, coupled weight decay)."""
-    return _direction(_cast(self.ins.g, self.c.one.dtype), self.ins.p, self.c, self.cfg)
-
-  @functools.cached_property
-  def x_nu(self) -> jax.Array:
-    """What ``nu``'s EMA averages: ``|g|**2``, or ``decay |g - mu|**2`` for the variance."""
-    if self.plan.variance:
-      assert self.ins.mu is not None  # plan.variance: centered
-      dev = lax.sub(self.g, load(self.ins.mu, self.r.one.dtype))
-      return lax.mul(self.r.s.decay, lax.mul(dev, dev))
-    return _abs_sq(self.g)
-
-  @functools.cached_property
-  def nu(self) -> jax.Array:
-    if "nu" in self.known:
-      return self.known["nu"]
-    return _ema(load(self.ins.nu, self.r.one.dtype), self.x_nu, self.r)
-
-  @functools.cached_property
-  def mu(self) -> jax.Array:
-    if "mu" in self.known:
-      return self.known["mu"]
-    assert self.ins.mu is not None  # asked for only when centered
-    return _ema(load(self.ins.mu, self.c.one.dtype), self.g, self.c)
-
-  @functools.cached_property
-  def u(self) -> jax.Array:
-    """The preconditioned gradient ``g / sqrt(nu - |mu|**2 + eps)``."""
-    r, c, cfg = self.r, self.c, self.cfg
-    if self.plan.variance:
-      scale = _inv_rms(_centered_variance(self.nu, self.mu, r), r, cfg)
-    else:
-      mu_hat = _debias(self.mu, c) if cfg.centered else None
-      scale = _rms_scale(_debias(self.nu, r), mu_hat, r, cfg)
-    return lax.mul(_cast(scale, c.one.dtype), self.g)
-
-  @functools.cached_property
-  def _momentum(self) -> tuple[jax.Array, jax.Array]:
-    """(update before decoupled weight decay, new momentum buffer)."""
-    c, cfg = self.c, self.cfg
-    scaled = lambda u: lax.mul(c.s.neg_lr, u) if cfg.lr_inside_momentum else u  # optax, Keras, TF1
-    if "trace" in self.known:
-      trace = self.known["trace"]
-      out = lax.add(scaled(self.u), lax.mul(c.s.momentum, trace)) if cfg.nesterov else trace
-    else:
-      assert self.ins.trace is not None  # asked for only with momentum
-      out, trace = _momentum(scaled(self.u), load(self.ins.trace, c.one.dtype), c, cfg)
-    if not cfg.lr_inside_momentum:  # PyTorch: the buffer holds unscaled steps
-      out = lax.mul(c.s.neg_lr, out)
-    return out, trace
-
-  @property
-  def trace(self) -> jax.Array:
-    return self._momentum[1]
-
-  @functools.cached_property
-  def update(self) -> jax.Array:
-    c, cfg = self.c, self.cfg
-    if not cfg.scale_by_learning_rate:
-      return self.u
-    u = self._momentum[0] if cfg.momentum else lax.mul(c.s.neg_lr, self.u)
-    if cfg.weight_decay == "decoupled":
-      assert self.ins.p is not None  # _update_tree refuses params=None with weight decay
-      u = lax.sub(u, lax.mul(c.s.decoupled_wd, _cast(self.ins.p, c.one.dtype)))
-    return u
-
-
-class _Leaf(NamedTuple):
-  """One leaf's update and new moments, as stored (None if unused)."""
-
-  update: jax.Array
-  nu: Stored | None
-  mu: Stored | None
-  trace: Stored | None
-
-
-def _leaf_plan(shape: tuple[int, ...], dtype: jax.typing.DTypeLike, cfg: Config) -> _Plan:
-  store = functools.partial(_store_for, p_shape=shape, p_dtype=dtype, cfg=cfg)
-  return _Plan(
-    store("nu"),
-    store("mu") if cfg.centered else None,
-    store("trace") if cfg.momentum and cfg.scale_by_learning_rate else None,
-  )
-
-
-def _zero_from(x: jax.Array) -> jax.Array:
-  """int32 0, computed from ``x``'s first entries (whatever they hold, NaN included).
-
-  The first entry; along dimensions an explicit mesh shards, all of them (a
-  slice of a sharded dimension must keep it whole), reduced with ``min``.
-  """
-  spec = tuple(quantize._explicit_spec(x) or ())
-  limits = tuple(n if d < len(spec) and spec[d] is not None else 1 for d, n in enumerate(x.shape))
-  part = lax.slice(x, (0,) * x.ndim, limits)
-  if jnp.issubdtype(part.dtype, jnp.floating):
-    part = lax.bitcast_convert_type(part, jnp.dtype(f"int{8 * part.dtype.itemsize}"))
-  nonnegative = lax.shift_right_logical(lax.convert_element_type(part, jnp.int32), np.int32(1))
-  return jnp.min(lax.min(nonnegative, np.int32(0)))
-
-
-def _private_copies(ins: _Ins, cfg: Config, plan: _Plan) -> Callable[[_Known], tuple[_Ins, _Known]]:
-  """``fresh(known)``: the inputs again, for one more consumer that recomputes from them.
-
-  XLA:CPU has no multi-output fusion: each stored output (the update, each new
-  moment, each block scale) is a loop of its own. A value several of them
-  need, such as the new ``nu`` of a moment stored in 8 bits or bfloat16, or
-  ``1 / sqrt(nu + eps)`` for Nesterov momentum, would be computed once and
-  kept in a temporary array the size of the leaf. Instead each consumer
-  recomputes what it needs from the stored inputs, behind an optimization
-  barrier that keeps XLA from merging the copies back (common-subexpression
-  elimination); the barrier itself costs nothing.
-  """
-  if not (plan.narrow or cfg.nesterov or cfg.weight_decay == "coupled"):
-    return lambda known: (ins, known)
-  tags = iter(range(1 << 30))
-
-  def fresh(known: _Known) -> tuple[_Ins, _Known]:
-    # The tag tells the barriers apart. XLA drops a barrier's unused operands, so the
-    # consumer uses it: g * (1 + min(tag, 0)), a multiplication by 1 that XLA cannot
-    # see through until the barrier is gone (then it folds it away). The params are
-    # read as they are, not through the barrier: the caller's p + u rewrites them in
-    # place, and XLA copies a buffer that a barrier passes on.
-    ins_b, known_b, tag = lax.optimization_barrier((ins._replace(p=None), known, np.int32(next(tags))))
-    one = lax.convert_element_type(lax.add(np.int32(1), lax.min(tag, np.int32(0))), ins.g.dtype)
-    return ins_b._replace(g=lax.mul(ins_b.g, one), p=ins.p), known_b
-
-  return fresh
-
-
-def _leaf_update(
-  ins: _Ins,
-  keys: dict[str, jax.Array],
-  scalars: StepScalars,
-  plan: _Plan,
-  cfg: Config,
-  consts: Callable[[jnp.dtype], _Consts] | None = None,
-) -> _Leaf:
-  """One leaf of the update, from stored moments to stored moments.
-
-  The step is float32 RMSProp's from the decoded state (it divides by the
-  exact new moments); only what is stored is rounded, unbiased unless
-  ``rounding="nearest"``. Moments stored at compute precision are computed
-  once and read by the later consumers; each value derived from a narrower
-  moment is recomputed by each consumer (see :func:`_private_copies`).
-  ``consts``: the scalars already converted, one factory shared by the leaves
-  traced in the caller's trace; None to convert them here.
-  """
-  out_dtype = ins.g.dtype
-  cdt = _compute_dtype(out_dtype)
-  consts = _consts_factory(scalars) if consts is None else consts
-  c, r = consts(cdt), consts(_real_dtype(cdt))
-  fresh = _private_copies(ins, cfg, plan)
-  step = lambda known: _Step(*fresh(known), c, r, cfg, plan)
-  known: _Known = {}
-  stored: dict[str, Stored | None] = {"nu": None, "mu": None, "trace": None}
-  # Moments stored exactly, in dependency order; later consumers read them.
-  for m in ("mu", "nu", "trace"):
-    st = getattr(plan, m)
-    if st is not None and not st.narrow:
-      value = getattr(step(known), m)
-      known[m] = value
-      stored[m] = _cast(value, st.dtype)
-  # Moments stored narrower than computed: each rounded from its own recomputation.
-  for m in ("trace", "nu", "mu"):
-    st = getattr(plan, m)
-    if st is None or not st.narrow:
-      continue
-    key = keys.get(m)
-    old = getattr(ins, m)
-    if not st.quantized:
-      stored[m] = _round(getattr(step(known), m), st, key)
-    elif m == "nu" and cfg.rounding == "stochastic":
-      # One pass over the codes: the block scale is the bound decay * scale +
-      # (1 - decay) * max(x), from x alone (quantize.ema_update).
-      x = step(known).x_nu
-      stored[m] = quantize.ema_update(old, x, r.s.decay, r.s.one_minus_decay, bits=_bits(x, key))
-    else:
-      # The exact block maximum of the new values, then their codes. Rounding to
-      # nearest uses it for nu too: under the slowly moving bound above, nearest
-      # rounding would drop more increments (notebook 06: +4.9% vs +58%).
-      scale = quantize.block_absmax(getattr(step(known), m))
-      value = getattr(step(known), m)
-      stored[m] = quantize.quantize(value, signed=st.signed, bits=_bits(value, key), scale=scale)
-  update = step(known).update
-  if cfg.weight_decay == "coupled":
-    # The loops that rewrite the narrow moments read the params, which the caller's
-    # p + u (fused with the update) rewrites in place: the update comes after those
-    # loops (it uses their outputs, multiplying by 1), so that XLA copies only the old
-    # moments, not the params.
-    after = [
-      stored[m] for m in ("nu", "mu", "trace") if getattr(plan, m) is not None and getattr(plan, m).narrow
-    ]
-    if after:
-      (after,) = lax.optimization_barrier((after,))
-      zero = functools.reduce(lax.add, [_zero_from(x) for x in jax.tree.leaves(after)])
-      update = lax.mul(update, lax.convert_element_type(lax.add(np.int32(1), zero), update.dtype))
-  return _Leaf(_cast(update, out_dtype), stored["nu"], stored["mu"], stored["trace"])
-
-
-# ---------------------------------------------------------------------------
 # Tree level: checks, one map over the leaves, and the new state.
 # ---------------------------------------------------------------------------
-
-
-def _is_code_mapping(x: object) -> bool:
-  return isinstance(x, Mapping) and set(x.keys()) == {"codes", "scale"}
-
-
-def is_stored_leaf(x: object) -> bool:
-  """Whether ``x`` is one stored moment that pytrees would split (8-bit codes)."""
-  return isinstance(x, QuantizedArray) or _is_code_mapping(x)
-
-
-def as_stored(x: Any) -> Any:
-  """A stored moment: an array or :class:`QuantizedArray`.
-
-  A mapping of exactly ``codes`` and ``scale`` is taken for the
-  :class:`QuantizedArray` it came from: Flax NNX's optimizer keeps the state
-  as ``nnx.State`` and turns every pytree node inside it into one.
-  """
-  if _is_code_mapping(x):
-    return QuantizedArray(x["codes"], x["scale"])
-  return x
 
 
 def _stored_leaves(name: str, tree: optax.Updates, treedef: jax.tree_util.PyTreeDef) -> list[Stored]:
@@ -657,6 +205,63 @@ def _leaves_or_none(
   return [None] * treedef.num_leaves if tree is None else _stored_leaves(name, tree, treedef)
 
 
+def _leaf_update(
+  ins: Inputs,
+  keys: dict[str, jax.Array],
+  scalars: StepScalars,
+  plan: Plan,
+  cfg: Config,
+  recompute: bool = False,
+  consts: Callable[[jnp.dtype], Consts] | None = None,
+) -> tuple[jax.Array, StoredMoments]:
+  """One leaf's update and stored new moments (:func:`rmsprop_jax.leaf.leaf_step`).
+
+  ``recompute``: each output computed on its own (:mod:`rmsprop_jax.cpu_recompute`,
+  the CPU lowering). ``consts``: the scalars already converted, one factory
+  shared by the leaves traced in the caller's trace; None to convert them here.
+  """
+  cdt = storage.compute_dtype(ins.g.dtype)
+  consts = consts_factory(scalars) if consts is None else consts
+  c, r = consts(cdt), consts(storage.real_dtype(cdt))
+  step = lambda ins, given: leaf_step(ins, keys, c, r, cfg, plan, given)
+  if recompute:
+    update, stored = cpu_recompute.per_output(step, ins, plan, cfg.weight_decay == "coupled")
+  else:
+    out = step(ins, Given())
+    update, stored = out.update, out.stored
+  return storage.cast(update, ins.g.dtype), stored
+
+
+# One leaf's update with narrow state, traced and lowered once per distinct leaf
+# (shape, dtype, storage): a tree of many same-shaped leaves traces like a tree of
+# one. XLA inlines the calls, so the update still fuses with the caller's code.
+# (Float32 state is traced in line: a handful of operations, and XLA then
+# simplifies it exactly as it does optax's.)
+_leaf_jit = jax.jit(_leaf_update, static_argnames=("plan", "cfg", "recompute"))
+
+
+def _tree_leaves(
+  leaf_ins: list[Inputs],
+  leaf_keys: list[dict[str, jax.Array]],
+  scalars: StepScalars,
+  plans: list[Plan],
+  cfg: Config,
+  recompute: bool,
+) -> list[tuple[jax.Array, StoredMoments]]:
+  """:func:`_leaf_update` of every leaf."""
+  # Leaves traced here share one conversion of the scalars per dtype; each narrow
+  # leaf's nested jit converts its own.
+  shared = consts_factory(scalars)
+  out = []
+  for ins, keys, plan in zip(leaf_ins, leaf_keys, plans):
+    again = recompute and cpu_recompute.needed(plan, cfg.nesterov, cfg.weight_decay == "coupled")
+    if plan.narrow:
+      out.append(_leaf_jit(ins, keys, scalars, plan=plan, cfg=cfg, recompute=again))
+    else:
+      out.append(_leaf_update(ins, keys, scalars, plan, cfg, again, consts=shared))
+  return out
+
+
 def _update_tree(
   updates: optax.Updates,
   state: RMSPropState,
@@ -664,7 +269,11 @@ def _update_tree(
   scalars: StepScalars,
   cfg: Config,
 ) -> tuple[optax.Updates, RMSPropState]:
-  """The whole update: :func:`_leaf_update` on every leaf, then the state."""
+  """The whole update: :func:`_leaf_update` on every leaf, then the state.
+
+  On CPU each leaf that needs it is lowered by :mod:`rmsprop_jax.cpu_recompute`
+  (``jax.lax.platform_dependent``); every other backend gets the portable step.
+  """
   _checks.check_float_updates(updates)
   treedef: jax.tree_util.PyTreeDef
   g_leaves, treedef = jax.tree.flatten(updates)
@@ -677,108 +286,81 @@ def _update_tree(
   ps = [None] * treedef.num_leaves if params is None else treedef.flatten_up_to(params)
   mus = _leaves_or_none(treedef, state.mu, "state.mu")
   traces = _leaves_or_none(treedef, state.trace, "state.trace")
-  plans = [_leaf_plan(tuple(g.shape), g.dtype, cfg) for g in g_leaves]
+  plans = [storage.plan_for(tuple(g.shape), g.dtype, cfg) for g in g_leaves]
   # One stream of random bits per stochastically rounded moment: 3 * leaf + moment.
   streams = [
     (i, m)
     for i, plan in enumerate(plans)
-    for m, st in plan._asdict().items()
-    if st is not None and _stochastic(st, cfg)
+    for m, st in zip(storage.MOMENTS, plan)
+    if st is not None and st.stochastic
   ]
-  keys = quantize.stream_keys(scalars.seed, scalars.count, [3 * i + _STREAMS[m] for i, m in streams])
+  keys = quantize.stream_keys(scalars.seed, scalars.count, [3 * i + storage.STREAMS[m] for i, m in streams])
   leaf_keys: list[dict[str, jax.Array]] = [{} for _ in plans]
   for (i, m), k in zip(streams, keys):
     leaf_keys[i][m] = k
   leaf_scalars = scalars._replace(seed=None, count=None)  # the keys carry seed and count
-  # Leaves traced here share one conversion of the scalars per dtype (ten scalar
-  # converts per leaf were a third of a 600-leaf float32 trace); each narrow leaf's
-  # nested jit converts its own.
-  shared = _consts_factory(leaf_scalars)
-  leaves = [
-    _leaf_jit(_Ins(*args), k, leaf_scalars, plan=plan, cfg=cfg)
-    if plan.narrow
-    else _leaf_update(_Ins(*args), k, leaf_scalars, plan=plan, cfg=cfg, consts=shared)
-    for args, k, plan in zip(zip(g_leaves, ps, nus, mus, traces), leaf_keys, plans)
-  ]
+  leaf_ins = [Inputs(*args) for args in zip(g_leaves, ps, nus, mus, traces)]
+  tree = functools.partial(_tree_leaves, scalars=leaf_scalars, plans=plans, cfg=cfg)
+  cpu = cfg.cpu_recompute and any(
+    cpu_recompute.needed(plan, cfg.nesterov, cfg.weight_decay == "coupled") for plan in plans
+  )
+  if cpu:
+    leaves = lax.platform_dependent(
+      leaf_ins,
+      leaf_keys,
+      cpu=functools.partial(tree, recompute=True),
+      default=functools.partial(tree, recompute=False),
+    )
+  else:
+    leaves = tree(leaf_ins, leaf_keys, recompute=False)
   unflat = lambda xs: jax.tree.unflatten(treedef, xs)
   new_state = RMSPropState(
     count=optax.safe_increment(state.count),
-    nu=unflat([x.nu for x in leaves]),
-    mu=unflat([x.mu for x in leaves]) if cfg.centered else None,
-    trace=unflat([x.trace for x in leaves]) if cfg.momentum else None,
+    nu=unflat([x[1].nu for x in leaves]),
+    mu=unflat([x[1].mu for x in leaves]) if cfg.centered else None,
+    trace=unflat([x[1].trace for x in leaves]) if cfg.momentum else None,
   )
-  return unflat([x.update for x in leaves]), new_state
+  return unflat([x[0] for x in leaves]), new_state
 
 
 def last_step_size(state: RMSPropState, cfg: Config, hp: Hyperparams) -> optax.Updates:
   """Per parameter, the factor the last step multiplied the gradient by.
 
-  ``lr_t * _rms_scale(...)`` of the step that produced ``state``, computed by
+  ``lr_t * rms_scale(...)`` of the step that produced ``state``, computed by
   the update's own functions (same storage, eps placement, bias correction,
   centering and zero-denominator rule), so it cannot disagree with the update.
   """
   scalars = step_scalars(hp, jnp.maximum(state.count - 1, 0), cfg)
-  consts = _consts_factory(scalars)
+  consts = consts_factory(scalars)
 
   def one(nu: Stored, mu: Stored | None) -> jax.Array:
-    if mu is not None and is_centered_variance(nu, mu):
+    if mu is not None and storage.is_centered_variance(nu, mu):
       r = consts(jnp.dtype(jnp.float32))
-      scale = _inv_rms(_centered_variance(load(nu, jnp.float32), load(mu, jnp.float32), r), r, cfg)
-      return scale if r.s.neg_lr is None else lax.mul(lax.neg(r.s.neg_lr), scale)
-    nu = load(nu, _real_dtype(_compute_dtype(_stored_dtype(nu))))
-    r = consts(nu.dtype)
-    mu_hat = None
-    if mu is not None:
-      cdt = _compute_dtype(_stored_dtype(mu))
-      mu_hat = _debias(load(mu, cdt), consts(cdt))
-    scale = _rms_scale(_debias(nu, r), mu_hat, r, cfg)
+      scale = leaf.variance_scale(storage.load(nu, jnp.float32), storage.load(mu, jnp.float32), r, cfg)
+    else:
+      nu_arr = storage.load(nu, storage.real_dtype(storage.compute_dtype(storage.stored_dtype(nu))))
+      r = consts(nu_arr.dtype)
+      mu_arr = None
+      c = r
+      if mu is not None:
+        c = consts(storage.compute_dtype(storage.stored_dtype(mu)))
+        mu_arr = storage.load(mu, c.one.dtype)
+      scale = leaf.rms_scale(nu_arr, mu_arr, c, r, cfg)
     return scale if r.s.neg_lr is None else lax.mul(lax.neg(r.s.neg_lr), scale)
 
-  treedef: jax.tree_util.PyTreeDef = jax.tree.structure(state.nu, is_leaf=is_stored_leaf)
-  nus = [as_stored(x) for x in treedef.flatten_up_to(state.nu)]
-  mus = [None] * len(nus) if state.mu is None else [as_stored(x) for x in treedef.flatten_up_to(state.mu)]
+  treedef: jax.tree_util.PyTreeDef = jax.tree.structure(state.nu, is_leaf=storage.is_stored_leaf)
+  nus = [storage.as_stored(x) for x in treedef.flatten_up_to(state.nu)]
+  mus = (
+    [None] * len(nus) if state.mu is None else [storage.as_stored(x) for x in treedef.flatten_up_to(state.mu)]
+  )
   return jax.tree.unflatten(treedef, [one(n, m) for n, m in zip(nus, mus)])
-
-
-def is_centered_variance(nu: Stored, mu: Stored | None) -> bool:
-  """Whether a leaf's stored ``nu`` holds ``nu - mu**2`` (centered, 8-bit codes).
-
-  See :func:`_centered_quantized`; ``nu = dequantize(nu) + dequantize(mu)**2``.
-  """
-  return isinstance(nu, QuantizedArray) and mu is not None
-
-
-def _stored_dtype(x: Stored) -> jax.typing.DTypeLike:
-  """The dtype a stored moment is computed in from: float32 for 8-bit codes."""
-  return jnp.float32 if isinstance(x, QuantizedArray) else x.dtype
-
-
-def _full_like(
-  p: jax.Array | np.ndarray | jax.ShapeDtypeStruct, value: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike
-) -> jax.Array:
-  """An array of ``value`` shaped and placed like ``p`` (an array or a ``jax.ShapeDtypeStruct``).
-
-  For an array, a plain ``jnp.full_like`` has no data dependence on ``p``
-  under ``jit``, so XLA would place it on one device; a select from ``p``
-  (always false, folded away) lets sharding propagate from ``p``.
-  """
-  return quantize._filled(tuple(p.shape), lax.convert_element_type(value, dtype), p)
 
 
 def _init_tree(params: optax.Params, initial_scale: jax.typing.ArrayLike, cfg: Config) -> RMSPropState:
   leaves, treedef = jax.tree.flatten(params)
-
-  def init(moment: str, value: jax.typing.ArrayLike) -> optax.Updates:
-    out: list[Stored] = []
-    for p in leaves:
-      dtype = jnp.result_type(p)
-      st = _store_for(moment, tuple(p.shape), dtype, cfg)
-      if st.quantized:  # a constant: its codes and scales are written down, not computed
-        out.append(quantize.full(p.shape, value, signed=st.signed, like=p))
-      else:
-        out.append(_full_like(p, value, st.dtype))
-    return jax.tree.unflatten(treedef, out)
-
+  init = lambda moment, value: jax.tree.unflatten(
+    treedef, [storage.initial(moment, p, value, cfg) for p in leaves]
+  )
   return RMSPropState(
     count=jnp.zeros([], jnp.int32),
     nu=init("nu", initial_scale),
@@ -786,13 +368,6 @@ def _init_tree(params: optax.Params, initial_scale: jax.typing.ArrayLike, cfg: C
     trace=init("trace", 0) if cfg.momentum else None,
   )
 
-
-# One leaf's update with low-precision state, traced and lowered once per
-# distinct leaf (shape, dtype, storage): a tree of many same-shaped leaves traces
-# like a tree of one. XLA inlines the calls, so the update still fuses with the
-# caller's code. (Float32 state is traced in line: a handful of operations, and
-# XLA then simplifies it exactly as it does optax's.)
-_leaf_jit = jax.jit(_leaf_update, static_argnames=("plan", "cfg"))
 
 # One cached compiled program when called eagerly (also batched under an
 # un-jitted vmap, differentiated under grad); inlined into the caller's
@@ -937,7 +512,8 @@ def fused_rmsprop(
     del extra_args
     if cfg.weight_decay is None:
       params = None  # unused: not worth passing to the compiled update
-    return _update_jit(updates, state, params, step_scalars(hp, state.count, cfg), cfg)
+    now = cfg if cpu_recompute.enabled() else cfg._replace(cpu_recompute=False)
+    return _update_jit(updates, state, params, step_scalars(hp, state.count, now), now)
 
   opt = optax.GradientTransformationExtraArgs(init_fn, update_fn)
   field_names = _SAME_NAMES if names is None else tuple({**dict(_SAME_NAMES), **names}.items())
