@@ -15,8 +15,8 @@ after the narrow moments' loops.
 
 Only the CPU lowering does this (:func:`rmsprop_jax.transform` selects it with
 ``jax.lax.platform_dependent``): backends with multi-output fusion get the
-portable step, each value computed once. ``with portable_on_cpu():`` traces
-the portable step on CPU too, to compare the two.
+portable step, each value computed once. Optimizers built under
+``with portable_on_cpu():`` lower the portable step on CPU too, to compare.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("cpu_recompute",
 
 @contextlib.contextmanager
 def portable_on_cpu() -> Iterator[None]:
-  """Within this context, steps traced for CPU use the portable lowering.
+  """Optimizers built within this context lower their step for CPU as for any backend.
 
-  For comparing the two lowerings; read when a step is traced (wrap the
-  tracing ``jax.jit`` call, not a cached one).
+  For comparing the two lowerings: read when an optimizer is built, so that
+  its ``update`` (a function of its own) is traced and cached apart.
   """
   token = _ENABLED.set(False)
   try:
@@ -54,7 +54,7 @@ def portable_on_cpu() -> Iterator[None]:
 
 
 def enabled() -> bool:
-  """Whether steps traced now use this lowering on CPU (outside :func:`portable_on_cpu`)."""
+  """Whether optimizers built now use this lowering on CPU (outside :func:`portable_on_cpu`)."""
   return _ENABLED.get()
 
 

@@ -482,7 +482,7 @@ def fused_rmsprop(
   diagnostics can read a hyperparameter that ``optax.inject_hyperparams``
   injected by its argument name.
   """
-  cfg = _checked_storage(cfg)
+  cfg = _checked_storage(cfg)._replace(cpu_recompute=cpu_recompute.enabled())
   _checks.check_seed("seed", hp.seed)
   if cfg.bias_correction and callable(hp.decay):
     raise ValueError(
@@ -512,8 +512,7 @@ def fused_rmsprop(
     del extra_args
     if cfg.weight_decay is None:
       params = None  # unused: not worth passing to the compiled update
-    now = cfg if cpu_recompute.enabled() else cfg._replace(cpu_recompute=False)
-    return _update_jit(updates, state, params, step_scalars(hp, state.count, now), now)
+    return _update_jit(updates, state, params, step_scalars(hp, state.count, cfg), cfg)
 
   opt = optax.GradientTransformationExtraArgs(init_fn, update_fn)
   field_names = _SAME_NAMES if names is None else tuple({**dict(_SAME_NAMES), **names}.items())

@@ -10,6 +10,9 @@ says:
   the same except where a last-bit difference of the float32 value crosses a rounding
   threshold: a rare entry is one code (one bfloat16 ulp, one 8-bit code) apart.
 
+The same holds between the two lowerings of the step on CPU: the per-output recompute
+XLA:CPU gets (``rmsprop_jax.cpu_recompute``) and the portable step every other backend gets.
+
 Sharded runs: ``tests/test_low_precision.py::test_sharded_state_rounds_exactly_as_unsharded``.
 """
 
@@ -20,6 +23,7 @@ import optax
 import pytest
 
 import rmsprop_jax
+from rmsprop_jax import cpu_recompute, presets
 from rmsprop_jax.quantize import QuantizedArray
 
 # What the current XLA compiles (see pyproject.toml): run with the current releases.
@@ -110,3 +114,56 @@ def test_eager_jit_and_vmap_give_the_same_numbers(storage, option):
 
   batched = jax.jit(jax.vmap(one))(jnp.array([0.01, 0.02]))
   _assert_same_numbers(jax.tree.map(lambda x: x[0], batched), jitted, storage)
+
+
+# Every option the per-output recompute handles differently: exact and narrow moments,
+# Nesterov's shared scaled gradient, coupled weight decay's ordering, the centered variance.
+PATH_OPTIONS = {
+  "plain": {},
+  "momentum": {"momentum": 0.9},
+  "nesterov, coupled wd": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+  "centered+momentum": {"centered": True, "momentum": 0.9},
+  "centered, bias correction": {"centered": True, "bias_correction": True, "decay": 0.99},
+  "decoupled wd, eps outside, lr after momentum": OPTIONS["decoupled wd, eps outside, lr after momentum"],
+  "maximize, initial scale 1, nearest": {"maximize": True, "initial_scale": 1.0, "rounding": "nearest"},
+}
+PATH_PRESETS = {
+  "pytorch": lambda **kw: presets.pytorch(lr=0.01, alpha=0.9, momentum=0.9, weight_decay=0.01, **kw),
+  "keras": lambda **kw: presets.keras(learning_rate=0.01, momentum=0.9, weight_decay=0.01, **kw),
+  "tf1": lambda **kw: presets.tf1(0.01, momentum=0.9, centered=True, **kw),
+  "optax": lambda **kw: presets.optax(0.01, 0.9, 1e-8, momentum=0.9, nesterov=True, **kw),
+}
+
+
+def _both_paths(make):
+  """The run of ``make()``'s optimizer on CPU's lowering and on the portable one."""
+  cpu = make()
+  with cpu_recompute.portable_on_cpu():
+    portable = make()
+  return _run(cpu, jax.jit(cpu.update)), _run(portable, jax.jit(portable.update))
+
+
+@pytest.mark.parametrize("option", list(PATH_OPTIONS))
+@pytest.mark.parametrize("storage", list(STORAGES))
+def test_cpu_and_portable_lowerings_give_the_same_numbers(storage, option):
+  kw = {**STORAGES[storage], **PATH_OPTIONS[option]}
+  _assert_same_numbers(*_both_paths(lambda: rmsprop_jax.rmsprop(0.01, **kw)), storage)
+
+
+@pytest.mark.parametrize("preset", list(PATH_PRESETS))
+@pytest.mark.parametrize("storage", ["bfloat16", "8-bit"])
+def test_each_preset_gives_the_same_numbers_on_both_lowerings(storage, preset):
+  _assert_same_numbers(*_both_paths(lambda: PATH_PRESETS[preset](**STORAGES[storage])), storage)
+
+
+def test_the_portable_switch_changes_the_cpu_program():
+  """The comparison above compares two programs: the switch reaches the lowering."""
+  make = lambda: rmsprop_jax.rmsprop(0.01, state_bits=8, min_quantize_size=64)
+  params = _params()
+  text = lambda opt: jax.jit(opt.update).lower(params, opt.init(params), params).as_text()
+  cpu = make()
+  with cpu_recompute.portable_on_cpu():
+    portable = make()
+  assert "optimization_barrier" in text(cpu)
+  assert "optimization_barrier" not in text(portable)
+  assert "optimization_barrier" in text(make())  # the switch ends with its context
