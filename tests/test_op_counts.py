@@ -45,7 +45,7 @@ import optax
 import pytest
 
 import rmsprop_jax
-from rmsprop_jax.xla_stats import inlined_ops, lowered_text, own_ops, ops_per_leaf
+from rmsprop_jax.xla_stats import inlined_ops, lowered_text, ops_per_leaf, own_ops
 
 # What the current XLA compiles (see pyproject.toml): run with the current releases.
 pytestmark = pytest.mark.xla_current

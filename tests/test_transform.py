@@ -175,7 +175,9 @@ def test_bfloat16_second_moment_moves_fewer_bytes_than_optax():
   # the narrow write, which every release saves.
   params = {f"p{i}": jnp.ones((128, 64)) for i in range(4)}
   n = 4 * 128 * 64
-  ours = xla_bytes_accessed(compile_donated_step(rmsprop_jax.rmsprop(0.01, nu_dtype=jnp.bfloat16), params)) / n
+  ours = (
+    xla_bytes_accessed(compile_donated_step(rmsprop_jax.rmsprop(0.01, nu_dtype=jnp.bfloat16), params)) / n
+  )
   theirs = xla_bytes_accessed(compile_donated_step(optax.rmsprop(0.01), params)) / n
   assert ours <= theirs - 2 + 0.01, (ours, theirs)
 

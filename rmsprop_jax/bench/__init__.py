@@ -1,10 +1,10 @@
 """Benchmarks: ours against ``optax.rmsprop`` (and torch's RMSprop) on this machine.
 
 ``python -m rmsprop_jax bench`` runs ``DEFAULT_CASES`` (the step-time cases the
-README quotes, a few minutes); ``--cases`` names others or groups of them
-(``init``, ``compile``, ``peak``, ``step_8bit``, ``all``). Each case runs in
-several fresh processes. Whole processes of the same program differ by 20-40%
-on a small shared VM, so the ratio against optax is paired: each process builds
+README quotes); ``--cases`` names others or groups of them (``init``,
+``compile``, ``peak``, ``step_8bit``, ``all``). Each case runs in several fresh
+processes. Whole processes of the same program differ widely on a shared
+machine, so the ratio against optax is paired: each process builds
 optax and ours, then times them in turn, round after round, reversing the order
 every other round and from one process to the next; a process's ratio is the
 median of its rounds' ratios, and the reported ratio the median of the
@@ -59,6 +59,7 @@ from rmsprop_jax.bench.measure import (
   state_bytes_per_device,
 )
 from rmsprop_jax.bench.report import format_table, paired_ratio, summarize
+from rmsprop_jax.xla_stats import xla_bytes_accessed
 
 __all__ = [
   "CASES",
@@ -93,6 +94,7 @@ __all__ = [
   "state_bytes_per_device",
   "summarize",
   "transformer_shapes",
+  "xla_bytes_accessed",
 ]
 
 

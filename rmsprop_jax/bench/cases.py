@@ -45,7 +45,7 @@ CASES: dict[str, Case] = {
 }
 
 # What ``python -m rmsprop_jax bench`` runs without ``--cases``: the README's step-time
-# table, a few minutes on two cores. Every other case is named explicitly.
+# table, the quick set. The model-scale and multi-device cases are named explicitly.
 DEFAULT_CASES: tuple[str, ...] = (
   "big_tree",
   "big_tree_bf16",

@@ -413,7 +413,7 @@ def _run_scale_out(impl: str, quick: bool, iters: int) -> Numbers:
     "state_bytes_per_device": _most_bytes_on_a_device(state),
     "params_bytes_per_device": _most_bytes_on_a_device(params),
   }
-  # steps of about a second on 2 CPU cores: half the samples
+  # eight devices' steps are slow on a few host cores: half the samples
   out["time_s"] = median_time(_donated_call(compiled, params, state, grads), max(3, iters // 2))
   if impl == "zero1":
     out["by_devices"] = scale_out_table(quick)
