@@ -33,7 +33,8 @@ import optax
 from jax import lax
 
 from rmsprop_jax import quantize as qz
-from rmsprop_jax.bench import _tree, conv_net_shapes, xla_bytes_accessed
+from rmsprop_jax.bench import conv_net_shapes, make_tree
+from rmsprop_jax.xla_stats import xla_bytes_accessed
 
 EPS = 1e-8
 MAPS = qz.CODES
@@ -446,8 +447,8 @@ def _state_bytes(state) -> int:
 
 def section_speed(quick: bool, log, rounds: int = 7) -> dict:
   shapes = conv_net_shapes(quick)
-  params = _tree(shapes)
-  grads = _tree(shapes, seed=1)
+  params = make_tree(shapes)
+  grads = make_tree(shapes, seed=1)
   n = sum(math.prod(s) for s in shapes)
   compiled, carry, info = {}, {}, {}
   for name, cfg in SPEED_CONFIGS.items():

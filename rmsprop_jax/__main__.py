@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
       "Benchmark cases in fresh, alternating processes, optax and ours timed in"
       " turn inside each; prints the median of the paired ours/optax ratios (and"
       " ours/torch), compile times, state bytes and the share of measured memory"
-      " bandwidth."
+      " bandwidth. Without --cases: the step-time set (big_tree, big_tree_bf16,"
+      " big_tree_8bit, many_leaves_scan, eager_update), a few minutes on two cores;"
+      " the model-scale cases (init, compile, peak, step_8bit) and scale_out take"
+      " longer and are named with --cases."
     ),
   )
   bench.add_argument(
@@ -63,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     "--cases",
     nargs="*",
     default=None,
-    help="subset of cases to run, or groups of them: init, compile, peak, step_8bit (default: all)",
+    help=(
+      "cases to run, or groups of them: init, compile, peak, step_8bit, all (default: the step-time set)"
+    ),
   )
   bench.add_argument("--json", default=None, help="also write the results to this JSON file")
 

@@ -1,7 +1,11 @@
 """The benchmark harness: its arithmetic, and a tiny smoke run (no timing asserts)."""
 
+import importlib.util
+import json
 import statistics
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rmsprop_jax import bench
@@ -82,6 +86,30 @@ def test_unknown_case_is_refused():
     bench.collect(cases=["nope"])
 
 
+def test_without_cases_the_bench_runs_the_step_time_set_and_all_names_every_case():
+  assert bench.expand_cases(None) == list(bench.DEFAULT_CASES)
+  assert set(bench.DEFAULT_CASES) <= set(bench.CASES)
+  assert not set(bench.DEFAULT_CASES) & (set(bench.SCALE_CASES) | set(bench.HOST_DEVICES))
+  assert bench.expand_cases(["all"]) == list(bench.CASES)
+
+
+def test_an_in_process_case_runs_here_and_prints_its_own_table(monkeypatch, capsys):
+  seen = []
+
+  def run(quick):
+    seen.append(quick)
+    return {"rows": [1, 2]}
+
+  monkeypatch.setitem(
+    bench.IN_PROCESS, "toy", bench.InProcessCase("a toy", run, lambda r: f"toy rows {r['rows']}")
+  )
+  result = bench.main(quick=True, cases=["toy"])
+  assert seen == [True] and result["raw"]["in_process"] == {"toy": {"rows": [1, 2]}}
+  assert result["rows"] == [] and "toy rows [1, 2]" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="already a case"):
+    bench.register_in_process("big_tree", "taken", run, str)
+
+
 @pytest.mark.parametrize("case", ["eager_update", "many_leaves_scan", "big_tree_bf16"])
 def test_worker_runs_a_quick_case_in_process(case):
   impl = "ours_bf16" if case == "big_tree_bf16" else "ours"
@@ -140,7 +168,7 @@ def test_optax_equivalent_computes_our_float32_update(options):
 
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.ones(3)}
-  ours, theirs = bench._make_opt("ours", options), bench._make_opt("optax", options)
+  ours, theirs = bench.make_opt("ours", options), bench.make_opt("optax", options)
   s_ours, s_theirs = ours.init(params), theirs.init(params)
   for t in range(3):
     g = jax.tree.map(lambda p, t=t: jnp.sin(p * (t + 1)), params)
@@ -155,7 +183,7 @@ def test_optax_equivalent_computes_our_float32_update(options):
 )
 def test_quick_timed_scale_cases_run_in_process(case, impl):
   out = bench.run_case(case, impl, quick=True)
-  assert out["time_s"] > 0 and out["n_leaves"] == len(bench._case_shapes(case, quick=True))
+  assert out["time_s"] > 0 and out["n_leaves"] == len(bench.case_shapes(case, quick=True))
   if case.startswith("init_"):
     assert out["state_bytes"] > 0 and out["second_call_s"] > 0
   else:
@@ -203,58 +231,41 @@ def test_scale_summary_gives_ratios_to_optax_and_the_train_step_target():
   assert "3.00 s (1.50x)" in text and "peak_bytes_momentum" in text and "0.50" in text
 
 
-@pytest.mark.xla_current  # XLA's loop names and trace events: the current releases
-def test_profile_step_reports_each_compiled_loop():
-  """benchmarks/profile_step.py, tiny: both implementations' loops appear with their counts
-  (XLA's per-thunk trace events, read from the profiler's trace; no timing asserted)."""
-  import subprocess
-  import sys
-  from pathlib import Path
+# ----------------------------------------------------------------- scripts in benchmarks/
 
-  script = Path(__file__).parent.parent / "benchmarks" / "profile_step.py"
-  args = [
-    "--impl",
-    "ours_8bit",
-    "--options",
-    "momentum",
-    "--leaves",
-    "2",
-    "--shape",
-    "64x256",
-    "--steps",
-    "1",
-  ]
-  out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  optax_part, ours_part = out.stdout.split("\nours_8bit: ")
-  assert "per step  multiply_add_fusion" in optax_part
-  loops = [line for line in ours_part.splitlines()[1:] if "fusion" in line and "end:" not in line]
-  # 8-bit momentum: the nu bound, the trace's block max, both moments' codes, the update
-  assert len(loops) >= 5, ours_part
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.xla_current  # XLA's pass names and log lines: the current releases
-def test_compile_passes_reads_each_pass_time_from_xla_log():
-  """benchmarks/compile_passes.py, tiny: a 2-leaf compile logs its HLO passes, the verifier
-  included, and the temporaries of the donated step come back (no timing asserted)."""
-  import importlib.util
-  from pathlib import Path
-
-  path = Path(__file__).parent.parent / "benchmarks" / "compile_passes.py"
-  spec = importlib.util.spec_from_file_location("compile_passes", path)
+def _load_script(name):
+  spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
   assert spec is not None and spec.loader is not None
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  out = mod.run("bfloat16 nu", 2)
-  assert {"fusion", "copy-insertion", "layout-assignment", "<verifier>"} <= set(out["passes_ms"])
-  assert all(v >= 0 for v in out["passes_ms"].values())
-  assert out["temp_b_per_param"] >= 0 and out["compile_s"] > 0
-  log = (
-    "I1204 06:15:36.166763 1 hlo_pass_pipeline.cc:86]     Invariant checker hlo-verifier\n"
-    "I1204 06:15:36.170581 1 hlo_pass_pipeline.cc:89]     Invariant checker done hlo-verifier\n"
-    "I1204 06:15:36.260179 1 hlo_pass_pipeline.cc:176] HLO pass: fusion time: 89.6 ms (89569 us)\n"
-    "I1204 06:15:36.262516 1 hlo_pass_pipeline.cc:176] HLO pass: fusion time: 250 us (250 us)\n"
-  )
-  times = mod.pass_times(log)
-  assert times["fusion"] == pytest.approx(89.85)
-  assert times["<verifier>"] == pytest.approx(3.818, abs=1e-6)
+  return mod
+
+
+def test_low_precision_parity_runs_a_tiny_task(monkeypatch, tmp_path):
+  """benchmarks/low_precision_parity.py, one seed, one optimizer, 20 steps: every storage and
+  the control get a row against float32 (no target asserted at this size)."""
+  mod = _load_script("low_precision_parity")
+  monkeypatch.setattr(mod, "SEEDS", (0,))
+  monkeypatch.setattr(mod, "STEPS", 20)
+  monkeypatch.setattr(mod, "WINDOW", 10)
+  monkeypatch.setattr(mod, "LR_DIVISORS", (1,))
+  monkeypatch.setattr(mod, "TASKS", {"digits MLP": mod.TASKS["digits MLP"]})
+  monkeypatch.setattr(mod, "OPTIMIZERS", {"rmsprop": mod.OPTIMIZERS["rmsprop"]})
+  out = mod.main(tmp_path / "parity.json")
+  cell = out["digits MLP"]["rmsprop"]
+  assert {"float32", "bfloat16 nu", "8-bit", mod.CONTROL} <= set(cell)
+  for storage in ("bfloat16 nu", "8-bit"):
+    assert np.isfinite(cell[storage]["loss_vs_float32"]) and 0 <= cell[storage]["mean_accuracy"] <= 1
+  assert json.loads((tmp_path / "parity.json").read_text())["method"]["steps"] == 20
+
+
+def test_quant_codes_runs_its_block_maximum_section():
+  """benchmarks/quant_codes.py --quick on one section: each way of computing the block maximum
+  gets a row (the other sections take minutes even when quick)."""
+  mod = _load_script("quant_codes")
+  res = mod.main(["--quick", "--sections", "blockmax"])
+  text = mod.SECTIONS["blockmax"][1](res["blockmax"])
+  assert "qz.block_absmax" in text and res["blockmax"]["seconds"] > 0

@@ -18,7 +18,7 @@ import rmsprop_jax
 RUN_ELSEWHERE = {"integrations.md": "tests/test_integrations.py"}
 
 # Public modules that need not be in rmsprop_jax.__all__; documented once they exist.
-OPTIONAL_MODULES = ("interop",)
+OPTIONAL_MODULES = ("interop", "xla_stats")
 
 _RUNNABLE = [p for p in pages() if p.name not in RUN_ELSEWHERE and blocks(p)]
 

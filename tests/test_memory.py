@@ -32,7 +32,7 @@ import pytest
 
 import rmsprop_jax
 from rmsprop_jax import presets
-from rmsprop_jax.bench import narrow_moment_bytes  # the bytes of one copy of each narrow moment
+from rmsprop_jax.xla_stats import narrow_moment_bytes  # the bytes of one copy of each narrow moment
 
 # What the current XLA compiles (see pyproject.toml): run with the current releases.
 pytestmark = pytest.mark.xla_current

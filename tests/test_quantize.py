@@ -656,7 +656,7 @@ BYTE_SHAPES = [(64, 256), (64, 300), (1000, 257), (100000,), (3, 3, 64, 256)]
 def bytes_per_param_block_and_call(compiled_for):
   """XLA's bytes accessed of ``compiled_for(shape)`` as a n + b blocks + c,
   fitted over BYTE_SHAPES (exactly: a step's passes each touch whole arrays)."""
-  from rmsprop_jax.bench import xla_bytes_accessed
+  from rmsprop_jax.xla_stats import xla_bytes_accessed
 
   rows = [(math.prod(s), math.prod(qz.scale_shape(s)), 1) for s in BYTE_SHAPES]
   got = np.array([xla_bytes_accessed(compiled_for(s)) for s in BYTE_SHAPES])

@@ -11,7 +11,7 @@ from reference import reference_updates
 
 import rmsprop_jax
 from rmsprop_jax import scale_by_rms
-from rmsprop_jax.bench import xla_bytes_accessed
+from rmsprop_jax.xla_stats import compile_donated_step, loop_kernels, xla_bytes_accessed
 
 
 @pytest.mark.parametrize(
@@ -135,25 +135,6 @@ def test_complex_params_use_abs_squared_like_optax():
     np.testing.assert_allclose(s_ours.nu, nu, rtol=1e-5)
 
 
-def _compiled_step(opt, params):
-  """One jitted training step (update, then apply), params and state donated."""
-  state = opt.init(params)
-
-  def step(p, s, g):
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-
-
-def _kernels(opt, params):
-  """The elementwise loop kernels XLA emits for one jitted training step."""
-  hlo = _compiled_step(opt, params).as_text()
-  entry = hlo[hlo.index("ENTRY") :]
-  # Loops over a leaf; the scalar step counter's one-element fusion is free.
-  return [ln for ln in entry.splitlines() if "kind=kLoop" in ln and "[]" not in ln]
-
-
 @pytest.mark.parametrize(
   "opts", [{}, dict(momentum=0.9, centered=True)], ids=["plain", "centered with momentum"]
 )
@@ -164,8 +145,8 @@ def test_jitted_update_fuses_into_no_more_kernels_than_optax(opts):
   # optax's chain, and the count is per leaf, not per step of the chain.
   n = 6
   params = {f"p{i}": jnp.ones((64, 32)) * (i + 1) for i in range(n)}
-  ours = _kernels(rmsprop_jax.rmsprop(0.01, **opts), params)
-  theirs = _kernels(optax.rmsprop(0.01, **opts), params)
+  ours = loop_kernels(compile_donated_step(rmsprop_jax.rmsprop(0.01, **opts), params))
+  theirs = loop_kernels(compile_donated_step(optax.rmsprop(0.01, **opts), params))
   assert len(ours) <= len(theirs), "\n".join(ours)
   outputs_per_leaf = 2 + len(opts)  # params and nu, plus mu and trace
   assert len(ours) <= n * outputs_per_leaf, "\n".join(ours)
@@ -181,8 +162,8 @@ def test_jitted_step_moves_no_more_bytes_than_optax(opts):
   # reads and writes is what its time follows.
   params = {f"p{i}": jnp.ones((128, 64)) * (i + 1) for i in range(4)}
   n = 4 * 128 * 64
-  ours = xla_bytes_accessed(_compiled_step(rmsprop_jax.rmsprop(0.01, **opts), params)) / n
-  theirs = xla_bytes_accessed(_compiled_step(optax.rmsprop(0.01, **opts), params)) / n
+  ours = xla_bytes_accessed(compile_donated_step(rmsprop_jax.rmsprop(0.01, **opts), params)) / n
+  theirs = xla_bytes_accessed(compile_donated_step(optax.rmsprop(0.01, **opts), params)) / n
   assert ours <= theirs + 0.01, (ours, theirs)
 
 
@@ -194,8 +175,10 @@ def test_bfloat16_second_moment_moves_fewer_bytes_than_optax():
   # the narrow write, which every release saves.
   params = {f"p{i}": jnp.ones((128, 64)) for i in range(4)}
   n = 4 * 128 * 64
-  ours = xla_bytes_accessed(_compiled_step(rmsprop_jax.rmsprop(0.01, nu_dtype=jnp.bfloat16), params)) / n
-  theirs = xla_bytes_accessed(_compiled_step(optax.rmsprop(0.01), params)) / n
+  ours = (
+    xla_bytes_accessed(compile_donated_step(rmsprop_jax.rmsprop(0.01, nu_dtype=jnp.bfloat16), params)) / n
+  )
+  theirs = xla_bytes_accessed(compile_donated_step(optax.rmsprop(0.01), params)) / n
   assert ours <= theirs - 2 + 0.01, (ours, theirs)
 
 
