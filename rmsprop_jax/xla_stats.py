@@ -14,6 +14,8 @@ Deterministic figures, free of timing noise, for a given JAX/XLA version:
   elementwise loop kernels of its optimized HLO.
 - :func:`inlined_ops` and :func:`ops_per_leaf`: the size of the lowered
   StableHLO program XLA is given, with nested ``jit`` calls expanded, per leaf.
+- :func:`exported_step_text` and :func:`duplicate_ops`: the step as exported for
+  other backends, and the array values a program computes more than once.
 
 The figures belong to the XLA that compiled them; checks that pin them are
 marked ``xla_current`` in the tests.
@@ -29,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax import export as jax_export
 
 from rmsprop_jax.quantize import QuantizedArray
 
@@ -255,3 +258,63 @@ def ops_per_leaf(
   """
   count = lambda n: inlined_ops(lowered_text(opt, n, shape, init))
   return (count(4) - count(2)) / 2
+
+
+_DEF = re.compile(r"^\s*(%[\w#:]+(?:, %[\w#:]+)*) = (.*)$")
+_SSA = re.compile(r"%[\w#]+")
+_LOC = re.compile(r"\s*loc\((?:[^()]|\([^()]*\))*\)")
+_ARRAY = re.compile(r"tensor<\d+(?:x\d+)*x[a-z]")  # a tensor of rank >= 1
+
+
+def duplicate_ops(text: str) -> list[str]:
+  """The ops of a StableHLO module that compute an array another op of their function computed.
+
+  A value numbering per function: an op's number is its text with its operands
+  replaced by their numbers, so two ops with the same number compute the same
+  value. Constants, values computed from constants only, broadcasts (of a
+  scalar: not a computation) and scalars are left out, as are the bodies of
+  regions (a reduction's reducer).
+  """
+  dups = []
+  for body in re.split(r"\n\s*func\.func ", text)[1:]:
+    number: dict[str, int] = {}
+    constant: set[int] = set()
+    seen: dict[str, int] = {}
+    depth = 0
+    for line in body.splitlines()[1:]:
+      line = _LOC.sub("", line).rstrip()
+      m = _DEF.match(line)
+      if m and depth == 0:
+        names, rest = m.group(1), m.group(2)
+        op = rest.split("(")[0].split(" ")[0].strip('"')
+        operands = _SSA.findall(rest.split("({")[0])
+        key = _SSA.sub(lambda o, n=number: f"v{n.get(o.group(0), o.group(0))}", rest)
+        result = rest.rsplit("->", 1)[-1] if "->" in rest else rest.rsplit(":", 1)[-1]
+        is_constant = (
+          not operands or op.endswith("constant") or all(number.get(o) in constant for o in operands)
+        )
+        array = _ARRAY.search(result) and not op.endswith("broadcast_in_dim")
+        if key in seen and not is_constant and array:
+          dups.append(rest.strip())
+        v = seen.setdefault(key, len(seen))
+        for name in names.split(", "):
+          number[name.split(":")[0]] = v
+        if is_constant:
+          constant.add(v)
+      depth += line.count("{") - line.count("}")
+  return dups
+
+
+def exported_step_text(opt: optax.GradientTransformation, params: Any, platforms: list[str]) -> str:
+  """The StableHLO of the jitted train step (update, then apply) exported for ``platforms``.
+
+  What a backend is given, e.g. ``platforms=["cuda", "tpu"]``, with no such
+  device present (``jax.export``).
+  """
+  state = opt.init(params)
+
+  def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax_export.export(jax.jit(step), platforms=platforms)(params, state, params).mlir_module()

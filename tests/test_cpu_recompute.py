@@ -2,15 +2,13 @@
 
 The step is exported for ``cuda`` and ``tpu`` with ``jax.export`` (no device
 needed) and its StableHLO read: it has no ``optimization_barrier`` and no
-array value computed twice (:func:`duplicate_ops`, a value numbering of each
-function), for every option, storage and preset. The per-output recompute of
+array value computed twice (``xla_stats.duplicate_ops``, a value numbering of
+each function), for every option, storage and preset. The per-output recompute of
 ``rmsprop_jax.cpu_recompute`` shows up in the CPU lowering only; that its
 numbers equal the portable step's is checked in ``tests/test_same_numbers.py``.
 """
 
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ from jax import export as jax_export
 
 import rmsprop_jax
 from rmsprop_jax import presets
+from rmsprop_jax.xla_stats import duplicate_ops, exported_step_text
 
 PARAMS = {"w": jnp.ones((64, 128)), "b": jnp.ones((128,)), "s": jnp.ones((3,))}  # row, flat, tiny
 STORAGES = {
@@ -53,60 +52,9 @@ PRESETS = {
   "optax": lambda **kw: presets.optax(1e-3, momentum=0.9, nesterov=True, bias_correction=True, **kw),
 }
 
-_DEF = re.compile(r"^\s*(%[\w#:]+(?:, %[\w#:]+)*) = (.*)$")
-_SSA = re.compile(r"%[\w#]+")
-_LOC = re.compile(r"\s*loc\((?:[^()]|\([^()]*\))*\)")
-_ARRAY = re.compile(r"tensor<\d+(?:x\d+)*x[a-z]")  # a tensor of rank >= 1
-
-
-def duplicate_ops(text: str) -> list[str]:
-  """The ops of a StableHLO module that compute an array another op of their function computed.
-
-  A value numbering per function: an op's number is its text with its operands
-  replaced by their numbers, so two ops with the same number compute the same
-  value. Constants, values computed from constants only, broadcasts (of a
-  scalar: not a computation) and scalars are left out, as are the bodies of
-  regions (a reduction's reducer).
-  """
-  dups = []
-  for body in re.split(r"\n\s*func\.func ", text)[1:]:
-    number: dict[str, int] = {}
-    constant: set[int] = set()
-    seen: dict[str, int] = {}
-    depth = 0
-    for line in body.splitlines()[1:]:
-      line = _LOC.sub("", line).rstrip()
-      m = _DEF.match(line)
-      if m and depth == 0:
-        names, rest = m.group(1), m.group(2)
-        op = rest.split("(")[0].split(" ")[0].strip('"')
-        operands = _SSA.findall(rest.split("({")[0])
-        key = _SSA.sub(lambda o, n=number: f"v{n.get(o.group(0), o.group(0))}", rest)
-        result = rest.rsplit("->", 1)[-1] if "->" in rest else rest.rsplit(":", 1)[-1]
-        is_constant = (
-          not operands or op.endswith("constant") or all(number.get(o) in constant for o in operands)
-        )
-        array = _ARRAY.search(result) and not op.endswith("broadcast_in_dim")
-        if key in seen and not is_constant and array:
-          dups.append(rest.strip())
-        v = seen.setdefault(key, len(seen))
-        for name in names.split(", "):
-          number[name.split(":")[0]] = v
-        if is_constant:
-          constant.add(v)
-      depth += line.count("{") - line.count("}")
-  return dups
-
 
 def exported(opt: optax.GradientTransformation, platforms: list[str]) -> str:
-  """The StableHLO of a jitted train step (update and apply) exported for ``platforms``."""
-  state = opt.init(PARAMS)
-
-  def step(params, state, grads):
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return jax_export.export(jax.jit(step), platforms=platforms)(PARAMS, state, PARAMS).mlir_module()
+  return exported_step_text(opt, PARAMS, platforms)
 
 
 def _assert_portable(opt, what):
