@@ -59,13 +59,19 @@ def enabled() -> bool:
 
 
 def needed(plan: Plan, nesterov: bool, coupled_weight_decay: bool) -> bool:
-  """Whether a leaf's outputs share a value that XLA:CPU would keep in a temporary.
+  """Whether XLA:CPU would keep a temporary the size of the leaf for this leaf's step.
 
-  Narrow moments (the update and the stored moment both need the exact new
-  one), Nesterov momentum (the update and the buffer both need the scaled
-  gradient) and coupled weight decay (the params are read by every loop).
+  It does when several outputs need a value it will not recompute on its own:
+  Nesterov momentum (the update and the buffer both need the scaled
+  gradient), coupled weight decay (the params, which the update rewrites in
+  place, are read by every moment's loop) and 8-bit first moments (``mu``,
+  ``trace``: the codes, the block maximum and the update all need the new
+  moment). A narrow ``nu`` alone (bfloat16, or 8-bit) compiles to the same
+  bytes and time either way: XLA:CPU duplicates its elementwise recompute into
+  each loop by itself (``benchmarks/lowerings.py``).
   """
-  return plan.narrow or nesterov or coupled_weight_decay
+  first_moments = (plan.mu, plan.trace)
+  return nesterov or coupled_weight_decay or any(st is not None and st.quantized for st in first_moments)
 
 
 Step = Callable[[Inputs, Given], Outputs]

@@ -158,7 +158,7 @@ def test_each_preset_gives_the_same_numbers_on_both_lowerings(storage, preset):
 
 def test_the_portable_switch_changes_the_cpu_program():
   """The comparison above compares two programs: the switch reaches the lowering."""
-  make = lambda: rmsprop_jax.rmsprop(0.01, state_bits=8, min_quantize_size=64)
+  make = lambda: rmsprop_jax.rmsprop(0.01, state_bits=8, min_quantize_size=64, momentum=0.9)
   params = _params()
   text = lambda opt: jax.jit(opt.update).lower(params, opt.init(params), params).as_text()
   cpu = make()
