@@ -71,9 +71,9 @@ BOUNDS = {
   ("bfloat16 nu nearest", "plain"): 25,
   ("bfloat16 nu nearest", "centered+momentum"): 41,
   ("8-bit stochastic", "plain"): 145,
-  ("8-bit stochastic", "centered+momentum"): 758,
+  ("8-bit stochastic", "centered+momentum"): 732,
   ("8-bit nearest", "plain"): 109,
-  ("8-bit nearest", "centered+momentum"): 681,
+  ("8-bit nearest", "centered+momentum"): 687,
 }
 
 OPTIONS = {"plain": PLAIN, "centered+momentum": CENTERED_MOMENTUM}
