@@ -15,7 +15,8 @@ The bound is derived from the storage, never from a measurement:
   Each step reads the stored moment to compute the exact new one, and
   XLA:CPU, without multi-output fusion, runs the loop that rewrites the
   moment in place and the loop that updates the params separately; the later
-  one reads a copy of the old moment (issue 20, item 4, allows that copy).
+  one reads a copy of the old moment. The CPU lowering
+  (``rmsprop_jax.cpu_recompute``) keeps it at that copy.
 
 The tree is 4 leaves of 256x512 (131,072 params each), compiled from
 abstract shapes (nothing is allocated): big enough that the step's scalars
