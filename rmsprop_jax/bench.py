@@ -974,12 +974,17 @@ def _worker(case: str, impls: tuple[str, ...], quick: bool) -> dict[str, dict[st
   return out
 
 
+# Cases with a driver and a table of their own, run in this process and only when named:
+# ``fidelity`` (rmsprop_jax/fidelity.py), low-precision runs against their float32 runs.
+IN_PROCESS: tuple[str, ...] = ("fidelity",)
+
+
 def expand_cases(cases: list[str] | None) -> list[str]:
   """Case names, with each group name (CASE_GROUPS) replaced by its cases."""
   out: list[str] = []
   for c in cases or CASES:
     for case in CASE_GROUPS.get(c, (c,)):
-      if case not in CASES:
+      if case not in CASES and case not in IN_PROCESS:
         raise ValueError(
           f"unknown case {case!r}; choose from {sorted(CASES)} or a group {sorted(CASE_GROUPS)}"
         )
@@ -1130,14 +1135,26 @@ def main(
   repeats: int = 5, quick: bool = False, cases: list[str] | None = None, json_path: str | None = None
 ) -> dict[str, Any]:
   """Entry point of ``python -m rmsprop_jax bench``."""
-  results = collect(repeats=repeats, quick=quick, cases=cases)
-  rows = summarize(results)
-  print()
-  print(format_table(rows, results))
+  names = expand_cases(cases)
+  own = [c for c in names if c in IN_PROCESS]
+  timed = [c for c in names if c not in IN_PROCESS]
+  out: dict[str, Any] = {}
+  if timed:
+    results = collect(repeats=repeats, quick=quick, cases=timed)
+    rows = summarize(results)
+    print()
+    print(format_table(rows, results))
+    out = {"rows": rows, "raw": results}
+  if "fidelity" in own:
+    from rmsprop_jax import fidelity
+
+    out["fidelity"] = fidelity.run(quick=quick, log=print)
+    print()
+    print(fidelity.format_table(out["fidelity"]))
   if json_path:
     with open(json_path, "w") as f:
-      json.dump({"rows": rows, "raw": results}, f, indent=1)
-  return {"rows": rows, "raw": results}
+      json.dump(out, f, indent=1)
+  return out
 
 
 def _cli(argv: list[str]) -> None:
