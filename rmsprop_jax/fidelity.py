@@ -88,8 +88,8 @@ def _jax_loss(kind: str) -> Callable[..., jax.Array]:
     return lambda p, x, y: jnp.mean((x @ p[0] - y) ** 2)
 
   def mlp_loss(p, x, y):
-    h = jax.nn.relu(x @ p[0] + p[1])
-    return optax.softmax_cross_entropy_with_integer_labels(h @ p[2] + p[3], y).mean()
+    h = jax.nn.relu(x @ p[0] + p[1][None, :])
+    return optax.softmax_cross_entropy_with_integer_labels(h @ p[2] + p[3][None, :], y).mean()
 
   return mlp_loss
 
