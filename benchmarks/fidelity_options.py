@@ -62,6 +62,42 @@ for o in opts:
   else:
     raise SystemExit(o)
 
+
+def range_check(label):
+  """Step size vs float32's where a block's nu spreads (lognormal gradient scales, sigma 1 and 2)."""
+  import jax
+
+  import rmsprop_jax
+
+  for sigma in (1.0, 2.0):
+    for decay in (0.99, 0.999):
+      shape = (32, 256)
+      key = jax.random.key(3)
+      s = jnp.exp(sigma * jax.random.normal(jax.random.fold_in(key, 99), shape))
+      tx = {
+        "f": rmsprop_jax.scale_by_rms(decay, eps=1e-8),
+        "q": rmsprop_jax.scale_by_rms(decay, eps=1e-8, state_bits=8, min_quantize_size=1),
+      }
+
+      @jax.jit
+      def go(s=s, tx=tx, decay=decay, key=key, shape=shape):
+        def body(st, t):
+          g = 1e-3 * s * jax.random.normal(jax.random.fold_in(key, t), shape)
+          out = {k: tx[k].update(g, st[k]) for k in tx}
+          return {k: v[1] for k, v in out.items()}, out["q"][0] / out["f"][0]
+
+        init = {k: t.init(jnp.zeros(shape)) for k, t in tx.items()}
+        return jax.lax.scan(body, init, jnp.arange(int(3 / (1 - decay))))[1]
+
+      r = np.asarray(go()[-int(1 / (1 - decay)) :]).ravel()
+      r = r[np.isfinite(r)]
+      rms = 100 * np.sqrt(np.mean((r - 1) ** 2))
+      print(f"{label:<28}sigma {sigma} decay {decay}: step rms {rms:6.2f}%  max {r.max():6.2f}", flush=True)
+
+
+if problems == ["range"]:
+  range_check(sys.argv[1] or "as is")
+  problems = []
 for problem in problems:
   for variant in variants:
     d, losses = [], []

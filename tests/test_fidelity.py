@@ -20,6 +20,15 @@ from rmsprop_jax import fidelity
 torch = pytest.importorskip("torch")
 
 
+def test_bench_runs_fidelity_only_when_named_and_run_refuses_unknown_names():
+  from rmsprop_jax import bench
+
+  assert bench.expand_cases(["fidelity", "big_tree"]) == ["fidelity", "big_tree"]
+  assert "fidelity" not in bench.expand_cases(None)
+  with pytest.raises(ValueError, match="variants must be among"):
+    fidelity.run(quick=True, variants=("nesterov",))
+
+
 def _distances(problem, variant, seeds, steps):
   """(ours, bitsandbytes') distance to their float32 runs, per seed."""
   ours, peer = [], []
