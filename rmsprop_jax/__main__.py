@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     nargs="*",
     default=None,
     help=(
-      "cases to run, or groups of them: init, compile, peak, step_8bit, all (default: the step-time set)"
+      "cases to run, or groups of them: init, compile, peak, step_8bit, all; fidelity (in this"
+      " process: 8-bit and bfloat16 state, ours and bitsandbytes', against float32) (default: the"
+      " step-time set)"
     ),
   )
   bench.add_argument("--json", default=None, help="also write the results to this JSON file")

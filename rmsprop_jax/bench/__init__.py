@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rmsprop_jax import fidelity as _fidelity
 from rmsprop_jax.bench.cases import (
   CASE_GROUPS,
   CASES,
@@ -96,6 +97,13 @@ __all__ = [
   "transformer_shapes",
   "xla_bytes_accessed",
 ]
+
+register_in_process(
+  "fidelity",
+  "8-bit and bfloat16 state, ours and bitsandbytes', each against its own float32 run",
+  lambda quick: _fidelity.run(quick=quick, log=print),
+  _fidelity.format_table,
+)
 
 
 def main(
