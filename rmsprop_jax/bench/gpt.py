@@ -91,7 +91,7 @@ def init_params(key: jax.Array, cfg: GPTConfig, scanned: bool) -> dict[str, Any]
 def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+  return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale[None, None] + bias[None, None]
 
 
 def _block(p: dict[str, jax.Array], x: jax.Array, heads: int) -> jax.Array:
@@ -101,11 +101,11 @@ def _block(p: dict[str, jax.Array], x: jax.Array, heads: int) -> jax.Array:
   split = lambda w: (h @ w).reshape(b, t, heads, d // heads)
   q, k, v = split(p["wq"]), split(p["wk"]), split(p["wv"])
   logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // heads)
-  causal = jnp.tril(jnp.ones((t, t), bool))
+  causal = jnp.tril(jnp.ones((1, 1, t, t), bool))
   att = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
   x = x + jnp.einsum("bhqk,bkhc->bqhc", att, v).reshape(b, t, d) @ p["wo"]
   h = _layer_norm(x, p["ln2_scale"], p["ln2_bias"])
-  return x + jax.nn.gelu(h @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  return x + jax.nn.gelu(h @ p["w1"] + p["b1"][None, None]) @ p["w2"] + p["b2"][None, None]
 
 
 def loss(params: dict[str, Any], tokens: jax.Array, targets: jax.Array, cfg: GPTConfig) -> jax.Array:

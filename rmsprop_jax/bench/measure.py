@@ -567,6 +567,10 @@ def collect(
   if any(c in cs.CASES and c not in cs.TRAIN_STEP_CASES for c in names):  # the step cases' % bw
     bws = [bandwidth_worker(quick) for _ in range(1 if quick else min(repeats or cs.DEFAULT_REPEATS, 3))]
     results["bandwidth_Bps"] = statistics.median(bws)
+  elif not quick and (train := [c for c in names if c in cs.TRAIN_STEP_CASES]):
+    # A discarded process first: the first process of a run reads Python and the XLA
+    # libraries from a cold disk cache, which the bandwidth runs warm for the other cases.
+    worker(train[0], ("optax",), quick=True)
   for case in names:
     if case in cs.IN_PROCESS:
       log(f"  {case:<18} in process")
