@@ -52,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
       " ours/torch), compile times, state bytes and the share of measured memory"
       " bandwidth. Without --cases: the step-time set (big_tree, big_tree_bf16,"
       " big_tree_8bit, many_leaves_scan, eager_update), a few minutes on two cores;"
-      " the model-scale cases (init, compile, peak, step_8bit) and scale_out take"
+      " the model-scale cases (init, compile, peak, step_8bit, train_step) and scale_out take"
       " longer and are named with --cases."
     ),
   )
   bench.add_argument(
-    "--repeats", type=int, default=5, help="processes per case (torch: its own) (default: %(default)s)"
+    "--repeats",
+    type=int,
+    default=None,
+    help="processes per case (torch: its own) (default: 5; 1 for the train_step cases)",
   )
   bench.add_argument(
     "--quick", action="store_true", help="tiny sizes and 1 repeat (a smoke run, numbers meaningless)"
@@ -67,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     nargs="*",
     default=None,
     help=(
-      "cases to run, or groups of them: init, compile, peak, step_8bit, all; fidelity (in this"
-      " process: 8-bit and bfloat16 state, ours and bitsandbytes', against float32) (default: the"
-      " step-time set)"
+      "cases to run, or groups of them: init, compile, peak, step_8bit, train_step, all; fidelity"
+      " (in this process: 8-bit and bfloat16 state, ours and bitsandbytes', against float32)"
+      " (default: the step-time set)"
     ),
   )
   bench.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -269,3 +269,80 @@ def test_quant_codes_runs_its_block_maximum_section():
   res = mod.main(["--quick", "--sections", "blockmax"])
   text = mod.SECTIONS["blockmax"][1](res["blockmax"])
   assert "qz.block_absmax" in text and res["blockmax"]["seconds"] > 0
+
+
+def test_lowerings_measures_both_lowerings_of_one_step():
+  """benchmarks/lowerings.py on one storage and option, tiny: both lowerings get their bytes,
+  instructions and a paired time; the CPU lowering's temporaries are no more than the portable one's."""
+  mod = _load_script("lowerings")
+  out = mod.measure({"state_bits": 8, "momentum": 0.9}, 2, (64, 256), 2)
+  for name in ("cpu", "portable"):
+    assert out[name]["xla_B_per_param"] > 0 and out[name]["hlo_per_leaf"] > 0
+  assert out["cpu"]["temp_B_per_param"] <= out["portable"]["temp_B_per_param"]
+  assert out["time_cpu_over_portable"] > 0
+
+
+# ----------------------------------------------------------------- the train step of a GPT
+
+
+def test_train_step_is_a_named_group_outside_the_default_set():
+  cases = bench.expand_cases(["train_step"])
+  assert cases == list(bench.TRAIN_STEP_CASES) and len(cases) == 4
+  assert not set(cases) & set(bench.DEFAULT_CASES)
+  assert {bench.case_options(c) for c in cases} == {"plain", "cm"}
+  assert all(bench.CASES[c][1] == bench.STORAGE_IMPLS for c in cases)
+
+
+def test_the_gpt_has_148_leaves_unrolled_16_scanned_and_42m_params():
+  import math
+
+  from rmsprop_jax.bench import gpt
+
+  cfg = bench.gpt_config()
+  unrolled, scanned = gpt.leaf_shapes(cfg, scanned=False), gpt.leaf_shapes(cfg, scanned=True)
+  assert (len(unrolled), len(scanned)) == (148, 16)
+  n = sum(math.prod(s) for s in unrolled)
+  assert n == sum(math.prod(s) for s in scanned) and 41e6 < n < 43e6
+  assert bench.case_shapes("train_step_scanned_cm") == scanned
+
+
+def test_the_scanned_gpt_is_the_unrolled_one_and_starts_at_log_vocab():
+  """Stacking the unrolled layers gives the scanned model's loss; near-zero logits at init give
+  a cross-entropy of log(vocab)."""
+  import jax
+  import jax.numpy as jnp
+
+  from rmsprop_jax.bench import gpt
+
+  cfg = gpt.QUICK
+  params = gpt.init_params(jax.random.key(0), cfg, scanned=False)
+  layers = [params.pop(f"layer{i:02d}") for i in range(cfg.layers)]
+  stacked = dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+  rng = np.random.default_rng(0)
+  tokens, targets = (jnp.asarray(rng.integers(0, cfg.vocab, (cfg.batch, cfg.context))) for _ in "xy")
+  unrolled_loss = gpt.loss(
+    dict(params, **{f"layer{i:02d}": p for i, p in enumerate(layers)}), tokens, targets, cfg
+  )
+  np.testing.assert_allclose(gpt.loss(stacked, tokens, targets, cfg), unrolled_loss, rtol=1e-5)
+  assert abs(float(unrolled_loss) - np.log(cfg.vocab)) < 0.1
+
+
+def test_quick_train_step_reports_compile_step_time_and_peak_against_optax():
+  case = "train_step_scanned_cm"
+  runs = {impl: [bench.run_case(case, impl, quick=True)] for impl in ("optax", "ours_8bit")}
+  for impl, (out,) in runs.items():
+    assert out["impl"] == impl and out["n_leaves"] == 16
+    assert out["compile_s"] == pytest.approx(out["lower_s"] + out["xla_compile_s"])
+    assert out["time_s"] == statistics.median(out["step_s"]) > 0 and len(out["step_s"]) == 2
+    peak = out["peak_bytes_per_param"]
+    assert peak["peak"] >= peak["arguments"] + peak["temp"] - 1e-9
+    assert np.all(np.isfinite(out["losses"])) and out["losses"][-1] < out["losses"][0]  # it trains
+  assert runs["ours_8bit"][0]["state_bytes"] < runs["optax"][0]["state_bytes"] / 3  # nu, mu, trace
+  (row,) = bench.summarize({"cases": {case: runs}})
+  ours, optax = runs["ours_8bit"][0], runs["optax"][0]
+  assert row["ratio_vs_optax"]["compile"]["ours_8bit"] == ours["compile_s"] / optax["compile_s"]
+  assert row["ratio_vs_optax"]["step"]["ours_8bit"] == ours["time_s"] / optax["time_s"]
+  peak_ratio = ours["peak_bytes_per_param"]["peak"] / optax["peak_bytes_per_param"]["peak"]
+  assert row["ratio_vs_optax"]["peak"]["ours_8bit"] == peak_ratio < 1
+  text = bench.format_table([row], {"cases": {case: runs}})
+  assert "train step" in text and f"({peak_ratio:.2f}x)" in text and "paired" not in text

@@ -2,7 +2,7 @@
 
 ``python -m rmsprop_jax bench`` runs ``DEFAULT_CASES`` (the step-time cases the
 README quotes); ``--cases`` names others or groups of them (``init``,
-``compile``, ``peak``, ``step_8bit``, ``all``). Each case runs in several fresh
+``compile``, ``peak``, ``step_8bit``, ``train_step``, ``all``). Each case runs in several fresh
 processes. Whole processes of the same program differ widely on a shared
 machine, so the ratio against optax is paired: each process builds
 optax and ours, then times them in turn, round after round, reversing the order
@@ -29,6 +29,7 @@ from typing import Any
 from rmsprop_jax import fidelity as _fidelity
 from rmsprop_jax.bench.cases import (
   CASE_GROUPS,
+  CASE_REPEATS,
   CASES,
   DEFAULT_CASES,
   DETERMINISTIC,
@@ -38,12 +39,14 @@ from rmsprop_jax.bench.cases import (
   SCALE_CASES,
   STEP_8BIT_CASES,
   STORAGE_IMPLS,
+  TRAIN_STEP_CASES,
   UNPAIRED,
   InProcessCase,
   case_options,
   case_shapes,
   conv_net_shapes,
   expand_cases,
+  gpt_config,
   make_opt,
   make_tree,
   mlp_shapes,
@@ -65,6 +68,7 @@ from rmsprop_jax.xla_stats import xla_bytes_accessed
 __all__ = [
   "CASES",
   "CASE_GROUPS",
+  "CASE_REPEATS",
   "DEFAULT_CASES",
   "DETERMINISTIC",
   "HOST_DEVICES",
@@ -73,6 +77,7 @@ __all__ = [
   "SCALE_CASES",
   "STEP_8BIT_CASES",
   "STORAGE_IMPLS",
+  "TRAIN_STEP_CASES",
   "UNPAIRED",
   "InProcessCase",
   "case_options",
@@ -81,6 +86,7 @@ __all__ = [
   "conv_net_shapes",
   "expand_cases",
   "format_table",
+  "gpt_config",
   "main",
   "make_opt",
   "make_tree",
@@ -107,12 +113,16 @@ register_in_process(
 
 
 def main(
-  repeats: int = 5, quick: bool = False, cases: list[str] | None = None, json_path: str | None = None
+  repeats: int | None = None,
+  quick: bool = False,
+  cases: list[str] | None = None,
+  json_path: str | None = None,
 ) -> dict[str, Any]:
   """Entry point of ``python -m rmsprop_jax bench``: runs, prints the tables, keeps the JSON.
 
   Args:
-    repeats: processes per case (torch: as many of its own).
+    repeats: processes per case (torch: as many of its own); None: ``CASE_REPEATS`` (1 for the
+      train step), else ``DEFAULT_REPEATS`` (5).
     quick: tiny trees and one process per case: a smoke run, its numbers meaningless.
     cases: case or group names; ``DEFAULT_CASES`` when None.
     json_path: where to write ``{"rows": ..., "raw": ...}``, if anywhere.

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from rmsprop_jax import rmsprop
+from rmsprop_jax.bench import gpt
 
 Case = tuple[str, tuple[str, ...], str]  # description, implementations, target ours / optax
 
@@ -107,7 +108,21 @@ STEP_8BIT_CASES: dict[str, Case] = {
   )
   for name in OPTIONS
 }
-CASES |= SCALE_CASES | STEP_8BIT_CASES
+# The whole train step of a GPT-like model (``bench.gpt``), its layers unrolled or under
+# ``lax.scan``, plain and centered with momentum (``_cm``).
+TRAIN_STEP_CASES: dict[str, Case] = {
+  f"train_step_{layout}{suffix}": (
+    f"whole jitted, donated train step of a 42M-param GPT, {what}{with_}",
+    STORAGE_IMPLS,
+    "compile <= 1.3, step <= 1.0" if layout == "scanned" else "compile <= 1.15, step <= 1.0",
+  )
+  for layout, what in (
+    ("unscanned", "12 layers unrolled (148 leaves)"),
+    ("scanned", "12 layers under lax.scan (16 leaves)"),
+  )
+  for suffix, with_ in (("", ""), ("_cm", ", centered+momentum"))
+}
+CASES |= SCALE_CASES | STEP_8BIT_CASES | TRAIN_STEP_CASES
 
 # Names that select several cases at once (``--cases init step_8bit``).
 CASE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -117,6 +132,7 @@ CASE_GROUPS: dict[str, tuple[str, ...]] = {
     ("compile", "compile_"),
     ("peak", "peak_bytes"),
     ("step_8bit", "step_8bit_"),
+    ("train_step", "train_step_"),
   )
 }
 CASE_GROUPS["all"] = tuple(CASES)
@@ -128,7 +144,13 @@ HOST_DEVICES: dict[str, int] = {"scale_out": 8}
 # Cases run one implementation per fresh process: a first compile (or a first
 # init), and the multi-device case. Every other case times its JAX
 # implementations paired, in one process; torch always runs in processes of its own.
-UNPAIRED: frozenset[str] = frozenset({"compile_600", *HOST_DEVICES, *SCALE_CASES})
+UNPAIRED: frozenset[str] = frozenset({"compile_600", *HOST_DEVICES, *SCALE_CASES, *TRAIN_STEP_CASES})
+
+# Processes per implementation when ``--repeats`` is not given. A train-step
+# process compiles a 42M-param model (10-60 s on two cores): one process per
+# implementation keeps the 16 of them under 10 minutes; ``--repeats 3`` for a median.
+DEFAULT_REPEATS = 5
+CASE_REPEATS: dict[str, int] = dict.fromkeys(TRAIN_STEP_CASES, 1)
 
 # Cases whose numbers are deterministic (bytes, not times): one process each.
 DETERMINISTIC: frozenset[str] = frozenset(c for c in SCALE_CASES if c.startswith("peak_bytes"))
@@ -193,7 +215,7 @@ def case_options(case: str) -> str:
   if case.startswith("step_8bit_"):
     return case[len("step_8bit_") :]
   for suffix, name in (("_cm", "cm"), ("_momentum", "momentum")):
-    if case in SCALE_CASES and case.endswith(suffix):
+    if (case in SCALE_CASES or case in TRAIN_STEP_CASES) and case.endswith(suffix):
       return name
   return "plain"
 
@@ -252,7 +274,15 @@ def case_shapes(case: str, quick: bool = False) -> list[tuple[int, ...]]:
     return [(16, 64) if quick else (256, 1024)] * (n // 10 if quick else n)
   if case.startswith("peak_bytes"):
     return mlp_shapes(quick)
+  if case in TRAIN_STEP_CASES:
+    return gpt.leaf_shapes(gpt_config(quick), scanned="_scanned" in case)
   raise ValueError(f"unknown case {case!r}; choose from {sorted(CASES)}")
+
+
+def gpt_config(quick: bool = False) -> gpt.GPTConfig:
+  """The train step's model: 12 layers, d_model 512, 8 heads, vocab 8192, context 128, batch 4
+  (``quick``: 2 layers of width 64)."""
+  return gpt.QUICK if quick else gpt.GPTConfig()
 
 
 def make_tree(shapes: list[tuple[int, ...]], dtype: Any = "float32", seed: int = 0) -> dict[str, jax.Array]:

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from rmsprop_jax import state_shardings
 from rmsprop_jax.bench import cases as cs
+from rmsprop_jax.bench import gpt
 from rmsprop_jax.bench.report import ours_key, paired_ratio
 from rmsprop_jax.xla_stats import donated_step, narrow_moment_bytes, peak_bytes, xla_bytes_accessed
 
@@ -170,6 +171,8 @@ def run_case(case: str, impl: str, quick: bool = False) -> Numbers:
     return {**_header(case, impl, shapes), **_run_torch(shapes, iters)}
   if case == "scale_out":
     return {**_header(case, impl, shapes), **_run_scale_out(impl, quick, iters)}
+  if case in cs.TRAIN_STEP_CASES:
+    return {**_header(case, impl, shapes), **_run_train_step(case, impl, quick)}
   if case in cs.SCALE_CASES:
     run = {"init": _run_init, "comp": _run_compile, "peak": _run_peak}[case[:4]]
     return {**_header(case, impl, shapes), **run(case, impl, shapes)}
@@ -310,6 +313,59 @@ def _run_peak(case: str, impl: str, shapes: list[tuple[int, ...]]) -> Numbers:
     "step": {k: v / n for k, v in peak_bytes(step).items()},
     "train": {k: v / n for k, v in peak_bytes(train).items()},
   }
+
+
+def gpt_train_step(opt: optax.GradientTransformation, cfg: gpt.GPTConfig) -> Callable[..., Any]:
+  """``step(params, state, tokens, targets) -> (params, state, loss)``: the loss and its
+  gradients, ``opt.update``, ``optax.apply_updates``."""
+
+  def step(params: Any, state: Any, tokens: jax.Array, targets: jax.Array) -> tuple[Any, Any, jax.Array]:
+    loss, grads = jax.value_and_grad(gpt.loss)(params, tokens, targets, cfg)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  return step
+
+
+def _run_train_step(case: str, impl: str, quick: bool) -> Numbers:
+  """The whole train step of the GPT of ``bench.gpt``: compile, step time and peak bytes.
+
+  Params and state are made under ``jax.jit``, as a model's are; the batch is
+  random token ids. Lower and compile are timed on the first ``jit`` of the
+  donated step in this process; the step time is the median of ``iters`` steps
+  after a warm-up step (the first steps of a process fault in fresh pages).
+  """
+  cfg = cs.gpt_config(quick)
+  scanned = "_scanned" in case
+  params = jax.block_until_ready(jax.jit(lambda k: gpt.init_params(k, cfg, scanned))(jax.random.key(0)))
+  opt = cs.make_opt(impl, cs.case_options(case))
+  state = jax.block_until_ready(jax.jit(opt.init)(params))
+  rng = np.random.default_rng(0)
+  tokens, targets = (
+    jnp.asarray(rng.integers(0, cfg.vocab, (cfg.batch, cfg.context)), jnp.int32) for _ in "xy"
+  )
+  fn = jax.jit(gpt_train_step(opt, cfg), donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  lowered = fn.lower(params, state, tokens, targets)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  n = cs.n_params(cs.case_shapes(case, quick))
+  out: Numbers = {
+    "compile_s": t2 - t0,
+    "lower_s": t1 - t0,
+    "xla_compile_s": t2 - t1,
+    "state_bytes": state_bytes(state),
+    "peak_bytes_per_param": {k: v / n for k, v in peak_bytes(compiled).items()},
+  }
+  losses, step_s = [], []
+  for i in range(1 + (2 if quick else 3)):  # a warm-up step, then the timed ones
+    t0 = time.perf_counter()
+    params, state, loss = compiled(params, state, tokens, targets)
+    losses.append(float(loss))
+    if i:
+      step_s.append(time.perf_counter() - t0)
+  return out | {"time_s": statistics.median(step_s), "step_s": step_s, "losses": losses}
 
 
 # ----------------------------------------------------------------- scale out (ZeRO-1)
@@ -463,7 +519,7 @@ def _run_case_in_processes(case: str, repeats: int, quick: bool, log: Callable[[
   runs: dict[str, list[Numbers]] = {i: [] for i in impls}
   paired = () if case in cs.UNPAIRED else tuple(i for i in impls if i != "torch")
   groups = ([paired] if paired else []) + [(i,) for i in impls if i not in paired]
-  for r in range(1 if case in cs.DETERMINISTIC else repeats):
+  for r in range(repeats):
     for group in groups if r % 2 == 0 else groups[::-1]:
       for impl, out in worker(case, group if r % 2 == 0 else group[::-1], quick).items():
         runs[impl].append(out)
@@ -471,6 +527,8 @@ def _run_case_in_processes(case: str, repeats: int, quick: bool, log: Callable[[
         shown = (
           "deterministic" if t is None else f"{t:9.3f} s" if case in cs.SCALE_CASES else f"{t * 1e3:9.3f} ms"
         )
+        if case in cs.TRAIN_STEP_CASES:
+          shown += f", compile {out['compile_s']:.2f} s"
         log(f"  {case:<18} {impl:<10} run {r + 1}/{repeats}: {shown}")
       if len(group) > 1:
         ours = ours_key(runs)
@@ -482,29 +540,43 @@ def _run_case_in_processes(case: str, repeats: int, quick: bool, log: Callable[[
 
 
 def collect(
-  repeats: int = 5, quick: bool = False, cases: list[str] | None = None, log: Callable[[str], None] = print
+  repeats: int | None = None,
+  quick: bool = False,
+  cases: list[str] | None = None,
+  log: Callable[[str], None] = print,
 ) -> Numbers:
   """Runs each case in ``repeats`` rounds of fresh processes, alternating their order.
 
   A step-time case runs its JAX implementations together in one process
   (:func:`run_paired`), torch in another; ``compile_600``, the model-scale cases
   and ``scale_out`` run one implementation per process; an in-process case runs
-  here. ``cases``: names or groups, ``DEFAULT_CASES`` when None. Returns the raw
+  here. ``repeats``: processes per implementation, ``cases.CASE_REPEATS`` (or
+  ``DEFAULT_REPEATS``) when None; one when ``quick`` and for deterministic cases.
+  ``cases``: names or groups, ``DEFAULT_CASES`` when None. Returns the raw
   runs: per case and implementation, one dict per process, in the order of the
   processes; per in-process case, its results.
   """
   names = cs.expand_cases(cases)
-  repeats = 1 if quick else repeats
+
+  def repeats_of(case: str) -> int:
+    if quick or case in cs.DETERMINISTIC:
+      return 1
+    return repeats or cs.CASE_REPEATS.get(case, cs.DEFAULT_REPEATS)
+
   results: Numbers = {"cases": {}, "in_process": {}}
-  if any(c in cs.CASES for c in names):
-    bws = [bandwidth_worker(quick) for _ in range(max(1, min(repeats, 3)))]
+  if any(c in cs.CASES and c not in cs.TRAIN_STEP_CASES for c in names):  # the step cases' % bw
+    bws = [bandwidth_worker(quick) for _ in range(1 if quick else min(repeats or cs.DEFAULT_REPEATS, 3))]
     results["bandwidth_Bps"] = statistics.median(bws)
+  elif not quick and (train := [c for c in names if c in cs.TRAIN_STEP_CASES]):
+    # A discarded process first: the first process of a run reads Python and the XLA
+    # libraries from a cold disk cache, which the bandwidth runs warm for the other cases.
+    worker(train[0], ("optax",), quick=True)
   for case in names:
     if case in cs.IN_PROCESS:
       log(f"  {case:<18} in process")
       results["in_process"][case] = cs.IN_PROCESS[case].run(quick)
     else:
-      results["cases"][case] = _run_case_in_processes(case, repeats, quick, log)
+      results["cases"][case] = _run_case_in_processes(case, repeats_of(case), quick, log)
   return results
 
 

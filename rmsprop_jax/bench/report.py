@@ -123,6 +123,28 @@ def _summarize_scale(case: str, runs: Runs) -> Row:
   return row
 
 
+def _summarize_train(case: str, runs: Runs) -> Row:
+  """A train-step case: per implementation the medians over processes of compile, step time
+  and peak bytes per param; per storage of ours, each over optax's."""
+  row = _row(case, runs)
+  row["compile_s"] = _median_of(runs, "compile_s")
+  row["lower_s"] = _median_of(runs, "lower_s")
+  row["step_s"] = row["median_s"]
+  row["peak_bytes_per_param"] = {
+    i: statistics.median(r["peak_bytes_per_param"]["peak"] for r in rs) for i, rs in runs.items() if rs
+  }
+  row["ratio_vs_optax"] = {
+    what: {i: v / per["optax"] for i, v in per.items() if i != "optax"}
+    for what, per in (
+      ("compile", row["compile_s"]),
+      ("step", row["step_s"]),
+      ("peak", row["peak_bytes_per_param"]),
+    )
+    if "optax" in per
+  }
+  return row
+
+
 def _summarize_scale_out(case: str, runs: Runs) -> Row:
   row = _row(case, runs)
   row["state_bytes_per_device"] = _first(runs, "state_bytes_per_device")
@@ -144,6 +166,8 @@ def summarize(results: dict[str, Any]) -> list[Row]:
       rows.append(_summarize_scale_out(case, runs))
     elif case in cs.SCALE_CASES:
       rows.append(_summarize_scale(case, runs))
+    elif case in cs.TRAIN_STEP_CASES:
+      rows.append(_summarize_train(case, runs))
     else:
       rows.append(_summarize_step(case, runs, results["bandwidth_Bps"]))
   return rows
@@ -218,6 +242,39 @@ def _format_scale(rows: list[Row]) -> list[str]:
   return lines
 
 
+def _format_train(rows: list[Row]) -> list[str]:
+  """The train-step rows: per implementation compile, step time and peak, each with its ratio to optax."""
+  if not rows:
+    return []
+  lines = [
+    "",
+    "train step (42M-param GPT, batch 4 x 128): medians over processes, one implementation per"
+    " process; (ratio to optax.rmsprop with the same options)",
+    f"{'case':<24}{'impl':<11}{'compile (s)':>18}{'step (s)':>18}{'peak (B/param)':>20}{'spread':>8}",
+  ]
+  for r in rows:
+    for impl in r["step_s"]:
+      cells = [
+        f"{r[key][impl]:{fmt}}"
+        + ("" if impl == "optax" else f" ({r['ratio_vs_optax'].get(what, {}).get(impl, NAN):.2f}x)")
+        for what, key, fmt in (
+          ("compile", "compile_s", ".2f"),
+          ("step", "step_s", ".3f"),
+          ("peak", "peak_bytes_per_param", ".2f"),
+        )
+      ]
+      lines.append(
+        f"{r['case']:<24}{impl:<11}{cells[0]:>18}{cells[1]:>18}{cells[2]:>20}{r['spread'][impl] * 100:>7.0f}%"
+      )
+    lines.append(f"  target: {r['target']}")
+  lines.append(
+    "  compile: lower + compile of the donated step; step: median of the timed steps after a warm-up;"
+    " peak: memory_analysis arguments + temporaries + outputs - aliased; spread: (max-min)/median"
+    " of the step times over processes"
+  )
+  return lines
+
+
 def _format_scale_out(r: Row) -> list[str]:
   med, sb = r["median_s"], r["state_bytes_per_device"]
   lines = [
@@ -252,7 +309,8 @@ def _format_scale_out(r: Row) -> list[str]:
 def format_table(rows: list[Row], results: dict[str, Any]) -> str:
   """The printout of a run: the step-time table, scale out, model scale, then the in-process cases."""
   lines: list[str] = []
-  steps = [r for r in rows if r["case"] not in cs.HOST_DEVICES and r["case"] not in cs.SCALE_CASES]
+  special = {*cs.HOST_DEVICES, *cs.SCALE_CASES, *cs.TRAIN_STEP_CASES}
+  steps = [r for r in rows if r["case"] not in special]
   if "bandwidth_Bps" in results:
     lines += [f"streaming bandwidth (XLA triad, this run): {results['bandwidth_Bps'] / 1e9:.1f} GB/s", ""]
   if steps:
@@ -263,7 +321,8 @@ def format_table(rows: list[Row], results: dict[str, Any]) -> str:
   lines += [f"torch: {why}" for why in skipped]
   lines += [line for r in rows if r["case"] in cs.HOST_DEVICES for line in _format_scale_out(r)]
   lines += _format_scale([r for r in rows if r["case"] in cs.SCALE_CASES])
-  if rows:
+  lines += _format_train([r for r in rows if r["case"] in cs.TRAIN_STEP_CASES])
+  if any(r["case"] not in cs.TRAIN_STEP_CASES for r in rows):
     lines += ["", FOOTNOTE]
   for name, res in results.get("in_process", {}).items():
     lines += ["", cs.IN_PROCESS[name].table(res)]
