@@ -74,6 +74,7 @@ def plain_run(tx, params, loss, steps=STEPS):
   return params, state
 
 
+@pytest.mark.slow  # nnx traces the model and the optimizer per storage: slow, run by CI
 @pytest.mark.parametrize("storage", list(STORAGES))
 def test_flax_nnx_optimizer_with_low_precision_state(storage):
   tx = rmsprop_jax.rmsprop(1e-2, **STORAGES[storage])

@@ -319,6 +319,7 @@ def assert_moments_close(ours, theirs, rtol, where=""):
     np.testing.assert_allclose(a, b, rtol=0, atol=rtol * np.max(np.abs(b)) + 1e-30, err_msg=f"{where} {k}")
 
 
+@pytest.mark.slow  # a torch run, then jax eager and jitted per storage: slow, run by CI
 @pytest.mark.parametrize("storage", SMALLER, ids=SMALLER)
 def test_a_torch_run_continues_in_jax_with_a_smaller_state(storage):
   kw, rtol = SMALLER[storage]

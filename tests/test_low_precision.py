@@ -248,6 +248,7 @@ def _assert_same_trajectory(a, b):
     assert np.mean(np.abs(x - y)) <= 1e-3 * np.mean(np.abs(y)) + 1e-12
 
 
+@pytest.mark.slow  # three compiles of the 8-bit step (eager, jit, vmap): slow, run by CI
 def test_8bit_trajectory_is_the_same_eager_jit_and_under_vmap():
   grads = _grads(4, seed=2)
   opt = rmsprop_jax.rmsprop(0.01, momentum=0.9, centered=True, state_bits=8)

@@ -10,6 +10,7 @@ from rmsprop_jax import __main__ as cli
 from rmsprop_jax import demo
 
 
+@pytest.mark.slow  # the demo end to end, every optimizer compiled: slow, run by CI
 def test_demo_smoke_run_writes_results_and_plot(tmp_path, capsys):
   results = demo.run(out=str(tmp_path), steps=60, seed=1, progress=False)
   printed = capsys.readouterr().out

@@ -95,7 +95,10 @@ def _report(result: unittest.TestResult) -> str:
 
 # sharding_test.py builds optax's other optimizers when loaded, noisy_sgd without a key.
 @pytest.mark.filterwarnings("ignore:Specifying a key:UserWarning")
-@pytest.mark.parametrize("name", list(SUITES))
+# alias_test runs every optax optimizer's tests: slow, run by CI.
+@pytest.mark.parametrize(
+  "name", [pytest.param(n, marks=pytest.mark.slow) if n == "alias_test" else n for n in SUITES]
+)
 def test_optax_suite_passes_with_ours(name, monkeypatch):
   path = _test_file(name)
   calls: collections.Counter = collections.Counter()

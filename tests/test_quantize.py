@@ -679,6 +679,8 @@ def assert_passes(compiled_for, per_param_bytes):
   assert per_block < 256, per_block
 
 
+@pytest.mark.slow
+@pytest.mark.xla_current  # XLA:CPU's passes and copies: the current releases
 def test_fused_8bit_step_moves_25_bytes_per_param():
   """The update recipe of the module docstring compiles to three passes and the copy."""
 
@@ -695,6 +697,7 @@ def test_fused_8bit_step_moves_25_bytes_per_param():
   assert_passes(compiled_for, 25)
 
 
+@pytest.mark.xla_current  # XLA:CPU's passes and copies: the current releases
 def test_rmsprop_8bit_step_moves_25_bytes_per_param():
   """The same passes in the core's compiled step (update + apply)."""
   import optax
@@ -714,6 +717,7 @@ def test_rmsprop_8bit_step_moves_25_bytes_per_param():
   assert_passes(compiled_for, 25)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", MAPS)
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 def test_full_writes_down_what_quantize_computes(code, signed):

@@ -26,8 +26,9 @@ import rmsprop_jax
 from rmsprop_jax import cpu_recompute, presets
 from rmsprop_jax.quantize import QuantizedArray
 
-# What the current XLA compiles (see pyproject.toml): run with the current releases.
-pytestmark = pytest.mark.xla_current
+# What the current XLA compiles (see pyproject.toml): run with the current releases. Every case
+# compiles three programs (eager, jit, vmap) of its own: slow, run by CI.
+pytestmark = [pytest.mark.xla_current, pytest.mark.slow]
 
 SHAPES = {"w": (64, 96), "b": (96,)}
 STEPS = 3

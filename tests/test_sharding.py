@@ -188,6 +188,7 @@ def _all_gathers(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 @needs_8
+@pytest.mark.xla_current  # the partitioner's collectives in the compiled HLO: the current releases
 def test_the_compiled_step_gathers_params_or_updates_never_the_state():
   mesh = _mesh()
   params = _params({"w1": (16, 32), "b1": (32,), "w2": (32, 8)})
