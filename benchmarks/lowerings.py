@@ -82,7 +82,10 @@ def main() -> None:
   leaves, shape, rounds = (4, (64, 256), 2) if args.quick else (16, (1024, 1024), 9)
   results = {}
   print(f"{leaves} leaves of {shape[0]}x{shape[1]}; cpu = per-output recompute, portable = each value once")
-  print(f"{'storage':9} {'option':18} {'temp B/p cpu/port':>18} {'XLA B/p cpu/port':>17} {'HLO/leaf':>11} {'time':>6}")
+  print(
+    f"{'storage':9} {'option':18} {'temp B/p cpu/port':>18} {'XLA B/p cpu/port':>17}"
+    f" {'HLO/leaf':>11} {'time':>6}"
+  )
   for sname, s in STORAGES.items():
     for oname, o in OPTIONS.items():
       if sname == "float32" and oname in ("plain", "momentum", "centered+momentum"):
