@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import optax
 
-from rmsprop_jax import _checks, quantize
+from rmsprop_jax import _checks
+from rmsprop_jax.storage import Rounding, StateBits
 from rmsprop_jax.transform import (
   WEIGHT_DECAY_MODES,
   Config,
   Hyperparams,
+  WeightDecayMode,
   fused_rmsprop,
 )
 
@@ -27,13 +27,13 @@ def rmsprop(
   momentum: jax.typing.ArrayLike | None = None,
   nesterov: bool = False,
   bias_correction: bool = False,
-  nu_dtype: Any = None,
+  nu_dtype: jax.typing.DTypeLike | None = None,
   weight_decay: jax.typing.ArrayLike = 0.0,
-  weight_decay_mode: str = "coupled",
+  weight_decay_mode: WeightDecayMode = "coupled",
   maximize: bool = False,
   lr_inside_momentum: bool = True,
-  state_bits: int | None = None,
-  rounding: str = "stochastic",
+  state_bits: StateBits = None,
+  rounding: Rounding = "stochastic",
   seed: jax.typing.ArrayLike = 0,
   min_quantize_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -79,10 +79,6 @@ def rmsprop(
     bias_correction: divide :math:`\nu` (and :math:`\mu`) by
       :math:`1-\rho^t`. Needs a constant ``decay``: with a decay schedule it
       is refused with a ``ValueError``.
-    nu_dtype: storage dtype of :math:`\nu`, e.g. ``jnp.bfloat16`` to halve its
-      memory and traffic. Each step decodes the stored :math:`\nu`, updates it
-      with this gradient in float32 and divides by that exact value; only
-      the new value stored is rounded. None: the params' dtype.
     weight_decay: :math:`\lambda` >= 0; 0 disables it.
     weight_decay_mode: ``"coupled"`` (L2 added to the gradient) or
       ``"decoupled"`` (subtracted from the update, scaled by the current lr).
@@ -90,29 +86,9 @@ def rmsprop(
     lr_inside_momentum: True (optax, Keras, TF1) scales by the learning rate
       before the momentum buffer; False (PyTorch) after it. The two agree for
       a constant learning rate up to rounding and differ under schedules.
-    state_bits: 8 stores :math:`\nu` (and :math:`\mu`, the momentum buffer)
-      as 8-bit codes with one float32 scale per block of 256 values, about a
-      quarter of the float32 state's memory. As with ``nu_dtype``, the step
-      is float32 RMSProp's from the decoded state (it divides by the exact
-      new moments) and only what is stored is rounded. None (default) keeps
-      them as arrays. Leaves with fewer than
-      ``min_quantize_size`` entries (biases, norm scales) and complex leaves
-      stay unquantized. Needs ``static_args=("state_bits",)`` under
-      ``optax.inject_hyperparams``.
-    rounding: ``"stochastic"`` (default) rounds every state value stored
-      narrower than it is computed (``nu_dtype=bfloat16``, low-precision
-      params, 8-bit state) up or down at random, so that the stored value is
-      unbiased and small EMA increments are kept on average; ``"nearest"``
-      rounds to nearest, which at decays near 1 loses increments smaller
-      than half a code step: a bfloat16 :math:`\nu` then stops following
-      its float32 value (it freezes below it while it should grow, above it
-      while it should shrink; see notebook 06).
-    seed: integer >= 0 from which the rounding's random bits are derived,
-      with the step count, the leaf and each element's index: no random key
-      in the state, the same numbers eager, under ``jit`` or ``vmap`` and
-      however the state is sharded.
-    min_quantize_size: with ``state_bits=8``, leaves with fewer entries stay
-      unquantized; None means 4096.
+    nu_dtype, state_bits, rounding, seed, min_quantize_size: how the state is
+      stored (``state_bits=8``: 8-bit codes; ``nu_dtype=jnp.bfloat16``; their
+      rounding), each documented in :class:`~rmsprop_jax.StorageOptions`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is an
@@ -162,7 +138,7 @@ def rmsprop(
     maximize=maximize,
     rounding=rounding,
     state_bits=state_bits,
-    min_quantize_size=quantize.MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size,
+    min_quantize_size=min_quantize_size,
   )
   hp = Hyperparams(
     learning_rate=learning_rate,

@@ -25,6 +25,13 @@ The parameters are matched by position: the leaves of ``params`` in
 the param groups' parameters, group after group; Keras: the variables the
 optimizer was built with). torch and Keras are imported only by the functions
 that take their optimizers.
+
+Smaller state: :func:`from_torch` and :func:`from_keras` take the keywords of
+:class:`~rmsprop_jax.StorageOptions` (``state_bits=8``,
+``nu_dtype=jnp.bfloat16``, ...). The framework's float32 moments are then
+stored that way (rounded to nearest, once; centered 8-bit state keeps
+``nu - mu**2``, computed in float64), and the run continues with the smaller
+state. Without them the state is float32, bit for bit the framework's.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +49,11 @@ import optax
 from rmsprop_jax import presets, quantize
 from rmsprop_jax.diagnostics import dequantize_state
 from rmsprop_jax.quantize import QuantizedArray
-from rmsprop_jax.storage import Stored, is_centered_variance
+from rmsprop_jax.storage import StorageOptions, Stored, is_centered_variance
 from rmsprop_jax.transform import RMSPropState
+
+if TYPE_CHECKING:
+  from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 __all__ = ["from_keras", "from_torch", "to_keras", "to_torch"]
 
@@ -110,7 +120,7 @@ def _check_positions(
 
 def _merge_groups(groups: list[_Group]) -> list[_Group]:
   """Groups with the same settings and learning rate become one."""
-  merged: dict[Any, _Group] = {}
+  merged: dict[tuple[tuple[tuple[str, object], ...], optax.ScalarOrSchedule], _Group] = {}
   for g in groups:
     key = (g.settings, g.learning_rate)
     if key in merged:
@@ -428,7 +438,7 @@ def _torch_groups(view: _TorchView, learning_rate: LearningRate, count: int) -> 
 
 
 def _torch_preset(
-  g: _Group, lr: optax.ScalarOrSchedule | None = None, storage: Mapping[str, Any] | None = None
+  g: _Group, lr: optax.ScalarOrSchedule | None = None, storage: StorageOptions | None = None
 ) -> optax.GradientTransformation:
   return presets.pytorch(lr=g.learning_rate if lr is None else lr, **dict(g.settings), **(storage or {}))
 
@@ -466,7 +476,7 @@ def from_torch(
   params: optax.Params,
   *,
   learning_rate: LearningRate = None,
-  **storage: Any,
+  **storage: Unpack[StorageOptions],
 ) -> tuple[optax.GradientTransformationExtraArgs, optax.OptState]:
   r"""A ``torch.optim.RMSprop`` mid-run as an optax optimizer and its state.
 
@@ -504,12 +514,9 @@ def from_torch(
       ``optax.exponential_decay(lr, 30, 0.1, staircase=True)``. Its value at
       the current step must equal the group's ``lr`` (rtol 1e-5), else this
       raises: a shifted schedule is caught before it runs.
-    **storage: the state's storage, as for the presets: ``state_bits=8``,
-      ``nu_dtype=jnp.bfloat16``, ``rounding``, ``seed``,
-      ``min_quantize_size``. The framework's float32 moments are then stored
-      that way (rounded to nearest, once; centered 8-bit state keeps
-      ``nu - mu**2``, computed in float64), and the run continues with the
-      smaller state. Default: float32 state, bit for bit the framework's.
+    **storage: the state's storage, the keywords of
+      :class:`~rmsprop_jax.StorageOptions`, to which the ported moments are
+      rounded once (see :mod:`rmsprop_jax.interop`).
 
   Returns:
     ``(opt, state)``: the optimizer and its state, ready for
@@ -837,7 +844,7 @@ def _keras_values(found: dict[str, list[Any]], field: str, n: int) -> list[np.nd
   return [sign * _numpy(v.value) for v in found[field]] or [None] * n
 
 
-def _keras_preset(g: _Group, storage: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
+def _keras_preset(g: _Group, storage: StorageOptions | None = None) -> optax.GradientTransformation:
   return presets.keras(learning_rate=g.learning_rate, **dict(g.settings), **(storage or {}))
 
 
@@ -846,7 +853,7 @@ def from_keras(
   params: optax.Params,
   *,
   learning_rate: optax.ScalarOrSchedule | None = None,
-  **storage: Any,
+  **storage: Unpack[StorageOptions],
 ) -> tuple[optax.GradientTransformationExtraArgs, optax.OptState]:
   r"""A Keras 3 ``keras.optimizers.RMSprop`` mid-run as an optax optimizer and state.
 
@@ -881,12 +888,9 @@ def from_keras(
       schedule (JAX backend only). A float or an optax schedule of the
       iteration count replaces it; its value at the current iteration must
       equal Keras's current learning rate (rtol 1e-5).
-    **storage: the state's storage, as for the presets: ``state_bits=8``,
-      ``nu_dtype=jnp.bfloat16``, ``rounding``, ``seed``,
-      ``min_quantize_size``. The framework's float32 moments are then stored
-      that way (rounded to nearest, once; centered 8-bit state keeps
-      ``nu - mu**2``, computed in float64), and the run continues with the
-      smaller state. Default: float32 state, bit for bit the framework's.
+    **storage: the state's storage, the keywords of
+      :class:`~rmsprop_jax.StorageOptions`, to which the ported moments are
+      rounded once (see :mod:`rmsprop_jax.interop`).
 
   Returns:
     ``(opt, state)``, ready for ``opt.update(grads, state, params)`` (pass

@@ -57,6 +57,12 @@ def consts_factory(scalars: StepScalars) -> Callable[[jnp.dtype], Consts]:
   return consts
 
 
+def used(x: jax.typing.ArrayLike | None) -> jax.typing.ArrayLike:
+  """A step's scalar that the configuration uses (so not None)."""
+  assert x is not None
+  return x
+
+
 def abs_sq(x: jax.Array) -> jax.Array:
   """``|x|**2``, real for complex ``x`` (as optax's ``numerics.abs_sq``)."""
   if jnp.iscomplexobj(x):
@@ -70,13 +76,13 @@ def direction(g: jax.Array, p: jax.Array | None, c: Consts, cfg: Config) -> jax.
     g = lax.neg(g)
   if cfg.weight_decay == "coupled":
     assert p is not None  # the tree update refuses params=None with weight decay
-    g = lax.add(g, lax.mul(c.s.weight_decay, cast(p, g.dtype)))
+    g = lax.add(g, lax.mul(used(c.s.weight_decay), cast(p, g.dtype)))
   return g
 
 
 def ema(moment: jax.Array, x: jax.Array, c: Consts) -> jax.Array:
   """``decay * moment + (1 - decay) * x``, in optax's operand order."""
-  return lax.add(lax.mul(c.s.one_minus_decay, x), lax.mul(c.s.decay, moment))
+  return lax.add(lax.mul(used(c.s.one_minus_decay), x), lax.mul(used(c.s.decay), moment))
 
 
 def debias(moment: jax.Array, c: Consts) -> jax.Array:
@@ -86,10 +92,10 @@ def debias(moment: jax.Array, c: Consts) -> jax.Array:
 def inv_rms(var: jax.Array, r: Consts, cfg: Config) -> jax.Array:
   """``1 / sqrt(var + eps)``, or ``1 / (sqrt(var) + eps)``, for ``var >= 0``."""
   if cfg.eps_in_sqrt:
-    denom = lax.add(var, r.s.eps)
+    denom = lax.add(var, used(r.s.eps))
     scale = lax.rsqrt(denom)
   else:
-    denom = lax.add(lax.sqrt(var), r.s.eps)
+    denom = lax.add(lax.sqrt(var), used(r.s.eps))
     scale = lax.div(r.one, denom)
   if cfg.safe_divide:  # eps may be 0: a zero denominator scales by 0, not inf
     scale = lax.select(lax.gt(denom, lax.full_like(denom, 0)), scale, lax.full_like(scale, 0))
@@ -117,7 +123,7 @@ def variance_scale(v: jax.Array, mu: jax.Array, r: Consts, cfg: Config) -> jax.A
 
 def momentum_step(u: jax.Array, trace: jax.Array, c: Consts, cfg: Config) -> jax.Array:
   """Heavy-ball momentum's new buffer, ``u + momentum * trace``."""
-  return lax.add(u, lax.mul(c.s.momentum, trace))
+  return lax.add(u, lax.mul(used(c.s.momentum), trace))
 
 
 def nu_scale_bound(scale: jax.Array, x: jax.Array, r: Consts) -> jax.Array:
@@ -198,7 +204,7 @@ def leaf_step(
   if plan.variance:  # nu's slot keeps the variance, updated from g - mu_old
     assert mu_old is not None
     dev = lax.sub(g, mu_old)
-    x_nu = lax.mul(r.s.decay, lax.mul(dev, dev))
+    x_nu = lax.mul(used(r.s.decay), lax.mul(dev, dev))
   else:
     x_nu = abs_sq(g)
   nu = given.moments.nu if given.moments.nu is not None else ema(storage.load(ins.nu, rdt), x_nu, r)
@@ -213,9 +219,9 @@ def leaf_step(
   if not cfg.scale_by_learning_rate:
     update = u
   else:
-    scaled = lax.mul(c.s.neg_lr, u) if cfg.lr_inside_momentum else u  # optax, Keras, TF1
+    scaled = lax.mul(used(c.s.neg_lr), u) if cfg.lr_inside_momentum else u  # optax, Keras, TF1
     if plan.trace is None:
-      update = lax.mul(c.s.neg_lr, u)
+      update = lax.mul(used(c.s.neg_lr), u)
     else:
       assert ins.trace is not None
       trace = given.moments.trace
@@ -223,10 +229,10 @@ def leaf_step(
         trace = momentum_step(scaled, storage.load(ins.trace, cdt), c, cfg)
       update = momentum_step(scaled, trace, c, cfg) if cfg.nesterov else trace
       if not cfg.lr_inside_momentum:  # PyTorch: the buffer holds unscaled steps
-        update = lax.mul(c.s.neg_lr, update)
+        update = lax.mul(used(c.s.neg_lr), update)
     if cfg.weight_decay == "decoupled":
       assert ins.p is not None  # the tree update refuses params=None with weight decay
-      update = lax.sub(update, lax.mul(c.s.decoupled_wd, cast(ins.p, cdt)))
+      update = lax.sub(update, lax.mul(used(c.s.decoupled_wd), cast(ins.p, cdt)))
 
   new = Moments(nu, mu, trace)
   scales = given.scales

@@ -19,7 +19,7 @@ weight decay             coupled (L2)  decoupled     none             none
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import jax
 import jax.numpy as jnp
@@ -27,28 +27,30 @@ import optax as _optax
 
 from rmsprop_jax import _checks
 from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.storage import STORAGE_KEYS, StorageOptions
 from rmsprop_jax.transform import register_settings, settings_of
+
+if TYPE_CHECKING:
+  from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 __all__ = ["keras", "optax", "pytorch", "tf1"]
 
 
-_STORAGE = ("nu_dtype", "state_bits", "rounding", "seed", "min_quantize_size")
-
-
-def _storage(storage: dict[str, Any]) -> dict[str, Any]:
+def _storage(storage: Mapping[str, object]) -> StorageOptions:
   """The storage options passed to a preset (refusing any other keyword).
 
   ``optax.inject_hyperparams(preset)`` passes them on as one keyword,
   ``storage={...}``: that is unpacked.
   """
-  if set(storage) == {"storage"} and isinstance(storage["storage"], Mapping):
-    storage = dict(storage["storage"])
-  unknown = sorted(set(storage) - set(_STORAGE))
+  inner = storage.get("storage")
+  if set(storage) == {"storage"} and isinstance(inner, Mapping):
+    storage = inner
+  unknown = sorted(set(storage) - set(STORAGE_KEYS))
   if unknown:
     raise TypeError(
-      f"unexpected keyword argument(s) {', '.join(unknown)}; besides its own, a preset takes {_STORAGE}"
+      f"unexpected keyword argument(s) {', '.join(unknown)}; besides its own, a preset takes {STORAGE_KEYS}"
     )
-  return storage
+  return cast(StorageOptions, dict(storage))  # only its keys; their values are checked by rmsprop
 
 
 def _named(
@@ -82,7 +84,7 @@ def pytorch(
   capturable: bool = False,
   foreach: bool | None = None,
   differentiable: bool = False,
-  **storage: Any,
+  **storage: Unpack[StorageOptions],
 ) -> _optax.GradientTransformationExtraArgs:
   r"""``torch.optim.RMSprop``, same names, defaults and update order.
 
@@ -111,9 +113,8 @@ def pytorch(
     foreach: likewise (torch's multi-tensor kernel); ignored.
     differentiable: likewise (autograd through the step); ignored, JAX
       differentiates through any update.
-    **storage: how the state is stored, as in :func:`rmsprop_jax.rmsprop`:
-      ``state_bits`` (8 for 8-bit state), ``nu_dtype``, ``rounding``,
-      ``seed``, ``min_quantize_size``.
+    **storage: how the state is stored: the keywords of
+      :class:`~rmsprop_jax.StorageOptions` (``state_bits=8``, ...).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Pass ``params`` to
@@ -164,7 +165,7 @@ def keras(
   clipvalue: float | None = None,
   global_clipnorm: float | None = None,
   name: str = "rmsprop",
-  **storage: Any,
+  **storage: Unpack[StorageOptions],
 ) -> _optax.GradientTransformationExtraArgs:
   r"""Keras 3 ``keras.optimizers.RMSprop``, same names, defaults and order.
 
@@ -190,9 +191,8 @@ def keras(
     clipvalue: clip each gradient entry to ``[-clipvalue, clipvalue]``.
     global_clipnorm: clip all gradients jointly to this global L2 norm.
     name: accepted so that a Keras call ports unchanged; unused.
-    **storage: how the state is stored, as in :func:`rmsprop_jax.rmsprop`:
-      ``state_bits`` (8 for 8-bit state), ``nu_dtype``, ``rounding``,
-      ``seed``, ``min_quantize_size``.
+    **storage: how the state is stored: the keywords of
+      :class:`~rmsprop_jax.StorageOptions` (``state_bits=8``, ...).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Pass ``params`` to
@@ -278,7 +278,7 @@ def tf1(
   momentum: jax.typing.ArrayLike = 0.0,
   epsilon: jax.typing.ArrayLike = 1e-10,
   centered: bool = False,
-  **storage: Any,
+  **storage: Unpack[StorageOptions],
 ) -> _optax.GradientTransformationExtraArgs:
   r"""TF1 ``tf.compat.v1.train.RMSPropOptimizer``.
 
@@ -296,9 +296,8 @@ def tf1(
     momentum: in [0, 1); 0 keeps no buffer.
     epsilon: added inside the square root, >= 0.
     centered: subtract the squared mean gradient ``mg**2`` under the root.
-    **storage: how the state is stored, as in :func:`rmsprop_jax.rmsprop`:
-      ``state_bits`` (8 for 8-bit state), ``nu_dtype``, ``rounding``,
-      ``seed``, ``min_quantize_size``.
+    **storage: how the state is stored: the keywords of
+      :class:`~rmsprop_jax.StorageOptions` (``state_bits=8``, ...).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -341,7 +340,7 @@ def optax(
   momentum: jax.typing.ArrayLike | None = None,
   nesterov: bool = False,
   bias_correction: bool = False,
-  **storage: Any,
+  **storage: Unpack[StorageOptions],
 ) -> _optax.GradientTransformationExtraArgs:
   """``optax.rmsprop``, with its positional signature.
 
@@ -358,9 +357,8 @@ def optax(
     momentum: trace decay in [0, 1), or None.
     nesterov: Nesterov momentum.
     bias_correction: debias the moments.
-    **storage: how the state is stored, as in :func:`rmsprop_jax.rmsprop`:
-      ``state_bits`` (8 for 8-bit state), ``nu_dtype``, ``rounding``,
-      ``seed``, ``min_quantize_size``.
+    **storage: how the state is stored: the keywords of
+      :class:`~rmsprop_jax.StorageOptions` (``state_bits=8``, ...).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.

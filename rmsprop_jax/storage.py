@@ -5,13 +5,14 @@ A moment (``nu``, ``mu`` or ``trace``) is kept in its parameter's dtype, in
 It is always computed in float32 (or wider): :func:`load` decodes it,
 :func:`store` rounds a computed value to its storage, stochastically unless
 ``rounding="nearest"``. Which storage a leaf's moment gets is decided
-statically from the leaf's shape and dtype (:func:`plan_for`).
+statically from the leaf's shape and dtype (:func:`plan_for`). The user's
+options for it are the keywords of :class:`StorageOptions`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypeAlias, TypedDict, TypeGuard, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,67 @@ if TYPE_CHECKING:
 
 Stored: TypeAlias = jax.Array | QuantizedArray
 """One stored moment of one leaf: an array, or 8-bit codes and their block scales."""
+
+_T = TypeVar("_T")
+
+Rounding: TypeAlias = Literal["stochastic", "nearest"]
+"""How a moment stored narrower than it is computed is rounded (see :class:`StorageOptions`)."""
+
+StateBits: TypeAlias = Literal[8] | None
+"""The moments' code width: 8 for 8-bit block codes, None for arrays (see :class:`StorageOptions`)."""
+
+ROUNDINGS: tuple[Rounding, ...] = ("stochastic", "nearest")
+
+
+class StorageOptions(TypedDict, total=False):
+  r"""How the optimizer state is stored: keywords of every optimizer built here.
+
+  :func:`rmsprop_jax.rmsprop`, :func:`rmsprop_jax.scale_by_rms`, the
+  :mod:`~rmsprop_jax.presets` and :mod:`~rmsprop_jax.interop`'s ``from_torch``
+  and ``from_keras`` take these keywords (``rmsprop(0.1, state_bits=8)``); a
+  ``StorageOptions`` dict passes them on, ``presets.keras(**options)``. Each
+  left out keeps its default. Whatever the storage, the step is float32 RMSProp's
+  (or wider) from the decoded state: it divides by the exact new moments and
+  only what is stored is rounded.
+
+  Attributes:
+    nu_dtype: storage dtype of :math:`\nu`, e.g. ``jnp.bfloat16`` to halve its
+      memory and traffic. Each step decodes the stored :math:`\nu`, updates it
+      with this gradient in float32 and divides by that exact value; only the
+      new value stored is rounded. None (default): the params' (real) dtype.
+    state_bits: 8 stores :math:`\nu` (and :math:`\mu`, the momentum buffer)
+      as 8-bit codes with one float32 scale per block of 256 values, about a
+      quarter of the float32 state's memory. None (default) keeps them as
+      arrays. Leaves with fewer than ``min_quantize_size`` entries (biases,
+      norm scales) and complex leaves stay unquantized. Not with
+      ``nu_dtype``. Needs ``static_args=("state_bits",)`` under
+      ``optax.inject_hyperparams``.
+    rounding: ``"stochastic"`` (default) rounds every state value stored
+      narrower than it is computed (``nu_dtype=bfloat16``, low-precision
+      params, 8-bit state) up or down at random, so that the stored value is
+      unbiased and small EMA increments are kept on average; ``"nearest"``
+      rounds to nearest, which at decays near 1 loses increments smaller
+      than half a code step: a bfloat16 :math:`\nu` then stops following
+      its float32 value (it freezes below it while it should grow, above it
+      while it should shrink; see notebook 06).
+    seed: integer >= 0 (default 0) from which the rounding's random bits are
+      derived, with the step count, the leaf and each element's index: no
+      random key in the state, the same numbers eager, under ``jit`` or
+      ``vmap`` and however the state is sharded.
+    min_quantize_size: with ``state_bits=8``, leaves with fewer entries stay
+      unquantized; None (default) means
+      :data:`rmsprop_jax.quantize.MIN_QUANTIZE_SIZE` (4096).
+  """
+
+  nu_dtype: jax.typing.DTypeLike | None
+  state_bits: StateBits
+  rounding: Rounding
+  seed: jax.typing.ArrayLike
+  min_quantize_size: int | None
+
+
+STORAGE_KEYS: tuple[str, ...] = tuple(StorageOptions.__annotations__)
+"""The keywords of :class:`StorageOptions`, in order."""
 
 MOMENTS = ("nu", "mu", "trace")
 STREAMS = {"nu": 0, "mu": 1, "trace": 2}  # one stream of random bits per moment
@@ -86,7 +148,7 @@ def _quantizable(shape: tuple[int, ...], dtype: jax.typing.DTypeLike, cfg: Confi
   return (
     cfg.state_bits == 8
     and len(shape) >= 1
-    and int(np.prod(shape)) >= cfg.min_quantize_size
+    and int(np.prod(shape)) >= cfg.quantize_from
     and not jnp.issubdtype(dtype, jnp.complexfloating)
   )
 
@@ -152,7 +214,7 @@ def is_centered_variance(nu: Stored, mu: Stored | None) -> bool:
   return isinstance(nu, QuantizedArray) and mu is not None
 
 
-def _is_code_mapping(x: object) -> bool:
+def _is_code_mapping(x: object) -> TypeGuard[Mapping[str, jax.Array]]:
   return isinstance(x, Mapping) and set(x.keys()) == {"codes", "scale"}
 
 
@@ -161,7 +223,7 @@ def is_stored_leaf(x: object) -> bool:
   return isinstance(x, QuantizedArray) or _is_code_mapping(x)
 
 
-def as_stored(x: Any) -> Any:
+def as_stored(x: _T) -> _T | QuantizedArray:
   """A stored moment: an array or :class:`QuantizedArray`.
 
   A mapping of exactly ``codes`` and ``scale`` is taken for the

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextvars
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Literal, NamedTuple, TypeAlias
 
 import chex
 import jax
@@ -33,10 +33,10 @@ from jax import lax
 from rmsprop_jax import _checks, cpu_recompute, leaf, quantize, storage
 from rmsprop_jax.leaf import Consts, Given, Inputs, StoredMoments, consts_factory, leaf_step
 from rmsprop_jax.quantize import QuantizedArray
-from rmsprop_jax.storage import Plan, Stored, as_stored, is_stored_leaf
+from rmsprop_jax.storage import ROUNDINGS, Plan, Rounding, StateBits, Stored, as_stored, is_stored_leaf
 
-WEIGHT_DECAY_MODES = ("coupled", "decoupled")
-ROUNDINGS = ("stochastic", "nearest")
+WeightDecayMode: TypeAlias = Literal["coupled", "decoupled"]
+WEIGHT_DECAY_MODES: tuple[WeightDecayMode, ...] = ("coupled", "decoupled")
 
 
 class RMSPropState(NamedTuple):
@@ -72,28 +72,34 @@ class Config(NamedTuple):
   nesterov: bool = False
   scale_by_learning_rate: bool = True
   lr_inside_momentum: bool = True
-  weight_decay: str | None = None
+  weight_decay: WeightDecayMode | None = None
   maximize: bool = False
   safe_divide: bool = False
-  rounding: str = "stochastic"
-  state_bits: int | None = None
-  min_quantize_size: int = quantize.MIN_QUANTIZE_SIZE
+  rounding: Rounding = "stochastic"
+  state_bits: StateBits = None
+  min_quantize_size: int | None = None  # None: quantize.MIN_QUANTIZE_SIZE (quantize_from)
   cpu_recompute: bool = True  # lower for CPU with rmsprop_jax.cpu_recompute
+
+  @property
+  def quantize_from(self) -> int:
+    """The fewest entries a leaf stored in 8-bit codes has: ``min_quantize_size`` or its default."""
+    return quantize.MIN_QUANTIZE_SIZE if self.min_quantize_size is None else self.min_quantize_size
 
 
 class Hyperparams(NamedTuple):
   """The user's numbers: floats, arrays or tracers.
 
   ``learning_rate`` and ``decay`` may also be schedules ``count -> value``.
+  None where the configuration does not use them.
   """
 
-  learning_rate: Any = None
-  decay: Any = 0.9
-  eps: Any = 1e-8
-  momentum: Any = None
-  weight_decay: Any = None
-  initial_scale: Any = 0.0
-  seed: Any = 0
+  learning_rate: optax.ScalarOrSchedule | None = None
+  decay: optax.ScalarOrSchedule = 0.9
+  eps: jax.typing.ArrayLike = 1e-8
+  momentum: jax.typing.ArrayLike | None = None
+  weight_decay: jax.typing.ArrayLike | None = None
+  initial_scale: jax.typing.ArrayLike = 0.0
+  seed: jax.typing.ArrayLike = 0
 
 
 class StepScalars(NamedTuple):
@@ -102,25 +108,25 @@ class StepScalars(NamedTuple):
   None where the configuration does not use them.
   """
 
-  decay: Any
-  one_minus_decay: Any
-  eps: Any
-  momentum: Any
-  weight_decay: Any
-  neg_lr: Any
-  decoupled_wd: Any
-  bias_corr: Any
-  seed: Any  # of the random bits for stochastic rounding (not converted)
-  count: Any  # steps taken before this one (not converted)
+  decay: jax.typing.ArrayLike | None
+  one_minus_decay: jax.typing.ArrayLike | None
+  eps: jax.typing.ArrayLike | None
+  momentum: jax.typing.ArrayLike | None
+  weight_decay: jax.typing.ArrayLike | None
+  neg_lr: jax.typing.ArrayLike | None
+  decoupled_wd: jax.typing.ArrayLike | None
+  bias_corr: chex.Array | None
+  seed: jax.typing.ArrayLike | None  # of the random bits for stochastic rounding (not converted)
+  count: chex.Array  # steps taken before this one (not converted); None in the leaves' copy
 
 
-def _value_at(value: Any, count: chex.Array) -> Any:
+def _value_at(value: optax.ScalarOrSchedule, count: chex.Array) -> chex.Numeric:
   """``value(count)`` for a schedule, else ``value``."""
   return value(count) if callable(value) else value
 
 
 @functools.partial(jax.jit, inline=True)
-def _bias_correction(decay: Any, count: chex.Array) -> jax.Array:
+def _bias_correction(decay: jax.typing.ArrayLike, count: chex.Array) -> jax.Array:
   """``1 - decay**count``, traced as optax's ``tree_bias_correction`` traces it.
 
   Traced, ``decay**count`` of an int32 count is XLA's ``pow`` in float32; eagerly, ``jnp.power``
@@ -294,7 +300,9 @@ def _update_tree(
     for m, st in zip(storage.MOMENTS, plan)
     if st is not None and st.stochastic
   ]
-  keys = quantize.stream_keys(scalars.seed, scalars.count, [3 * i + storage.STREAMS[m] for i, m in streams])
+  keys = quantize.stream_keys(
+    leaf.used(scalars.seed), scalars.count, [3 * i + storage.STREAMS[m] for i, m in streams]
+  )
   leaf_keys: list[dict[str, jax.Array]] = [{} for _ in plans]
   for (i, m), k in zip(streams, keys):
     leaf_keys[i][m] = k
@@ -458,15 +466,14 @@ def _checked_storage(cfg: Config) -> Config:
   state_bits = _checks.static_int("state_bits", cfg.state_bits, allow_none=True)
   _checks.check_choice("state_bits", state_bits, (None, 8))
   min_size = _checks.static_int("min_quantize_size", cfg.min_quantize_size, allow_none=True)
-  if min_size is None:
-    min_size = quantize.MIN_QUANTIZE_SIZE
-  if min_size < 1:
+  if min_size is not None and min_size < 1:
     raise ValueError(f"min_quantize_size must be >= 1, got {min_size}")
   if state_bits is not None and cfg.nu_dtype is not None:
     raise ValueError(
       f"state_bits={state_bits} and nu_dtype={cfg.nu_dtype} both set the storage of nu; pass one of them"
     )
-  return cfg._replace(state_bits=state_bits, min_quantize_size=min_size)
+  cfg = cfg._replace(state_bits=8 if state_bits == 8 else None, min_quantize_size=min_size)
+  return cfg._replace(min_quantize_size=cfg.quantize_from)  # equal options, one cache key
 
 
 def fused_rmsprop(
@@ -507,7 +514,7 @@ def fused_rmsprop(
     updates: optax.Updates,
     state: RMSPropState,
     params: optax.Params | None = None,
-    **extra_args: Any,
+    **extra_args: object,
   ) -> tuple[optax.Updates, RMSPropState]:
     del extra_args
     if cfg.weight_decay is None:
@@ -529,8 +536,8 @@ def scale_by_rms(
   centered: bool = False,
   bias_correction: bool = False,
   nu_dtype: jax.typing.DTypeLike | None = None,
-  state_bits: int | None = None,
-  rounding: str = "stochastic",
+  state_bits: StateBits = None,
+  rounding: Rounding = "stochastic",
   seed: jax.typing.ArrayLike = 0,
   min_quantize_size: int | None = None,
 ) -> optax.GradientTransformation:
@@ -563,17 +570,9 @@ def scale_by_rms(
       constant ``decay``: with a decay schedule it is refused with a
       ``ValueError`` (the exact factor ``1 - prod(decay_i)`` would need one
       more number in the state).
-    nu_dtype: dtype in which ``nu`` is stored (e.g. ``jnp.bfloat16`` halves
-      its memory); the step decodes it, updates it in float32 or wider and
-      divides by that exact value, rounding only what it stores. None keeps the
-      parameters' (real) dtype.
-    state_bits: 8 stores ``nu`` (and ``mu``) as 8-bit codes with a float32
-      scale per block of 256 values; see :func:`rmsprop_jax.rmsprop`.
-    rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` rounding of state
-      stored narrower than it is computed; see :func:`rmsprop_jax.rmsprop`.
-    seed: integer >= 0 of the stochastic rounding's random bits.
-    min_quantize_size: with ``state_bits=8``, leaves with fewer entries stay
-      unquantized; None means 4096.
+    nu_dtype, state_bits, rounding, seed, min_quantize_size: how the state is
+      stored (``nu`` and ``mu``), each documented in
+      :class:`~rmsprop_jax.StorageOptions`.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is an
@@ -603,7 +602,7 @@ def scale_by_rms(
     scale_by_learning_rate=False,
     rounding=rounding,
     state_bits=state_bits,
-    min_quantize_size=quantize.MIN_QUANTIZE_SIZE if min_quantize_size is None else min_quantize_size,
+    min_quantize_size=min_quantize_size,
   )
   hp = Hyperparams(decay=decay, eps=eps, initial_scale=initial_scale, seed=seed)
   return fused_rmsprop(cfg, hp)
