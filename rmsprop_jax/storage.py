@@ -76,7 +76,7 @@ class StorageOptions(TypedDict, total=False):
       ``vmap`` and however the state is sharded.
     min_quantize_size: with ``state_bits=8``, leaves with fewer entries stay
       unquantized; None (default) means
-      :data:`rmsprop_jax.quantize.MIN_QUANTIZE_SIZE` (4096).
+      ``quantize.MIN_QUANTIZE_SIZE`` (4096).
   """
 
   nu_dtype: jax.typing.DTypeLike | None
